@@ -1,0 +1,72 @@
+# ferry — the two commands of a newcomer are `make run` and `make test`.
+#
+# Everything builds with the release profile: the RocksDB C++ library takes
+# ~16 minutes to compile on 2 cores, so run, test, clippy and bench share one
+# build of it. Point CARGO_TARGET_DIR at a persistent directory to keep it warm.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PROFILE := --release
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+
+# Arguments passed to `ferry serve` by `make run`, e.g. make run ARGS="--listen 127.0.0.1:7600"
+ARGS ?=
+FUZZ_SECONDS ?= 300
+
+.PHONY: all deps build run test bench fuzz fmt lint dist clean
+
+all: build
+
+## deps: install what a fresh Debian machine lacks for the build.
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs)"; exit 1; }
+	@missing=""; \
+	for pkg in libclang-dev clang g++ make pkg-config; do \
+	  dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt 2>/dev/null || true
+	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy 2>/dev/null || true
+
+## build: the ferry and ferry-bench binaries.
+build: deps
+	$(CARGO) build $(PROFILE) --workspace --bins
+
+## run: start one node with defaults (clients on :7600, ops HTTP on 127.0.0.1:7601, data in ./data).
+run: build
+	$(CARGO_TARGET_DIR)/release/ferry serve $(ARGS)
+
+## test: format check, clippy with -D warnings, then every test of the workspace.
+test: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(PROFILE) --workspace --all-targets -- -D warnings
+	$(CARGO) build $(PROFILE) --workspace --bins
+	$(CARGO) test $(PROFILE) --workspace
+
+## bench: criterion micro-benches, then the short load suite on a spawned server.
+bench: build
+	$(CARGO) bench --workspace
+	$(CARGO_TARGET_DIR)/release/ferry-bench suite --spawn
+
+## fuzz: run the frame decoder fuzz target for FUZZ_SECONDS (default 300).
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd protocol && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz decode_frames -- -max_total_time=$(FUZZ_SECONDS)
+
+fmt:
+	$(CARGO) fmt --all
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(PROFILE) --workspace --all-targets -- -D warnings
+
+## dist: a fat-LTO build of the binaries for shipping.
+dist: deps
+	$(CARGO) build --profile dist --workspace --bins
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,257 @@
+//! Client authentication: HS256 JWTs whose `sub` is the user id.
+//!
+//! The secret comes from the configuration, or from `<data_dir>/jwt.secret`,
+//! which the first start creates (32 random bytes, hex, mode 0600) so that
+//! `ferry serve` and `ferry token` agree on a fresh machine with no setup.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_protocol::ErrorCode;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+
+/// Longest user or device id, in bytes.
+pub const MAX_ID_BYTES: usize = 64;
+
+/// File name of the generated secret inside the data dir.
+pub const SECRET_FILE: &str = "jwt.secret";
+
+/// The claims ferry reads from a client token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Issued at, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// When present, the token is only valid for this device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
+}
+
+/// Where the secret came from, for the start-up log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `--jwt-secret` / `FERRY_JWT_SECRET` / the config file.
+    Configured,
+    /// An existing `<data_dir>/jwt.secret`.
+    File(PathBuf),
+    /// Created just now at this path.
+    Created(PathBuf),
+}
+
+/// Errors loading or creating the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// Reading or writing the secret file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The secret file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The secret file exists but is empty.
+    #[error("{0} is empty")]
+    Empty(PathBuf),
+}
+
+/// Verifies (and, for development, mints) client tokens.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    decoding: DecodingKey,
+    encoding: EncodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenVerifier(..)")
+    }
+}
+
+/// Why a token was refused, with the protocol code for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AuthRejection {
+    /// The code sent to the client.
+    pub code: ErrorCode,
+    /// Detail for the client and the log.
+    pub message: String,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> AuthRejection {
+    AuthRejection {
+        code,
+        message: message.into(),
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier for `secret`.
+    pub fn new(secret: &[u8]) -> TokenVerifier {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // Tokens are minted by app backends whose clocks are NTP-synced with
+        // ours; a little leeway absorbs the rest without extending tokens much.
+        validation.leeway = 5;
+        TokenVerifier {
+            decoding: DecodingKey::from_secret(secret),
+            encoding: EncodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Checks `token` and returns its claims, or the code to reject it with.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthRejection> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => reject(ErrorCode::TokenExpired, "token expired"),
+                ErrorKind::InvalidSignature => reject(ErrorCode::BadToken, "bad token signature"),
+                _ => reject(ErrorCode::BadToken, format!("bad token: {e}")),
+            })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() || claims.sub.len() > MAX_ID_BYTES {
+            return Err(reject(
+                ErrorCode::BadToken,
+                format!("token sub must be 1..={MAX_ID_BYTES} bytes"),
+            ));
+        }
+        Ok(claims)
+    }
+
+    /// Mints a token for `user` (and optionally one `device`) valid `ttl_secs`.
+    pub fn mint(&self, user: &str, device: Option<&str>, ttl_secs: u64) -> String {
+        let now = unix_now();
+        let claims = Claims {
+            sub: user.to_owned(),
+            exp: now + ttl_secs,
+            iat: Some(now),
+            dev: device.map(str::to_owned),
+        };
+        self.mint_claims(&claims)
+    }
+
+    /// Mints a token with exactly these claims (tests use it for expired tokens).
+    pub fn mint_claims(&self, claims: &Claims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 encoding of plain claims cannot fail")
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The configured secret, or the one in `data_dir` (created if missing).
+pub fn load_or_create_secret(
+    configured: Option<&str>,
+    data_dir: &Path,
+) -> Result<(Vec<u8>, SecretSource), SecretError> {
+    if let Some(secret) = configured {
+        return Ok((secret.as_bytes().to_vec(), SecretSource::Configured));
+    }
+    load_or_create_secret_file(data_dir, SECRET_FILE)
+}
+
+/// Reads `<dir>/<name>`, or creates it with 32 random bytes in hex, mode 0600.
+/// Shared by the JWT secret and the admin token.
+pub fn load_or_create_secret_file(
+    dir: &Path,
+    name: &str,
+) -> Result<(Vec<u8>, SecretSource), SecretError> {
+    let path = dir.join(name);
+    let io = |source| SecretError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let secret = text.trim();
+            if secret.is_empty() {
+                return Err(SecretError::Empty(path));
+            }
+            Ok((secret.as_bytes().to_vec(), SecretSource::File(path)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let mut raw = [0u8; 32];
+            rand::fill(&mut raw);
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            write_private(&path, hex.as_bytes()).map_err(io)?;
+            Ok((hex.into_bytes(), SecretSource::Created(path)))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // create_new: two processes starting at once must not overwrite each
+    // other's secret; the loser reads the winner's.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mint_then_verify() {
+        let v = TokenVerifier::new(b"0123456789abcdef0123456789abcdef");
+        let claims = v.verify(&v.mint("alice", Some("phone"), 60)).unwrap();
+        assert_eq!(claims.sub, "alice");
+        assert_eq!(claims.dev.as_deref(), Some("phone"));
+    }
+
+    #[test]
+    fn wrong_secret_and_expiry_have_their_codes() {
+        let v = TokenVerifier::new(b"0123456789abcdef0123456789abcdef");
+        let other = TokenVerifier::new(b"fedcba9876543210fedcba9876543210");
+        assert_eq!(
+            v.verify(&other.mint("alice", None, 60)).unwrap_err().code,
+            ErrorCode::BadToken
+        );
+        let expired = v.mint_claims(&Claims {
+            sub: "alice".into(),
+            exp: unix_now() - 3600,
+            iat: None,
+            dev: None,
+        });
+        assert_eq!(
+            v.verify(&expired).unwrap_err().code,
+            ErrorCode::TokenExpired
+        );
+        assert_eq!(v.verify("not a jwt").unwrap_err().code, ErrorCode::BadToken);
+    }
+
+    #[test]
+    fn secret_file_is_created_once_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, source) = load_or_create_secret(None, dir.path()).unwrap();
+        assert!(matches!(source, SecretSource::Created(_)));
+        let (b, source) = load_or_create_secret(None, dir.path()).unwrap();
+        assert!(matches!(source, SecretSource::File(_)));
+        assert_eq!(a, b);
+        let mode = std::fs::metadata(dir.path().join(SECRET_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

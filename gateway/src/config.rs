@@ -1,0 +1,320 @@
+//! Server configuration: defaults, then a TOML file, then `FERRY_*`
+//! environment variables, then command-line flags (each overriding the last).
+//!
+//! [`ServeArgs`] is both the clap flag set and the serde file format: every
+//! field is optional there, and [`ServeArgs::resolve`] layers them over
+//! [`Config::default`]. `ferry serve --print-config` prints the result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// How hard the storage works to keep acknowledged messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The ack waits until the group commit's WAL is fsynced: survives power loss.
+    Fsync,
+    /// The ack waits until the WAL is written to the OS, not synced: survives
+    /// a process crash (`kill -9`), not an OS crash or power loss.
+    Wal,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The effective configuration of `ferry serve`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// Client (TCP, framed Protobuf) listen address.
+    pub listen: SocketAddr,
+    /// Ops HTTP listen address (/healthz, /readyz, /metrics, admin API).
+    pub http_listen: SocketAddr,
+    /// Where RocksDB, the JWT secret and the admin token live.
+    pub data_dir: PathBuf,
+    /// Client heartbeat interval; silence for 3 × this closes a connection.
+    pub heartbeat_secs: u32,
+    /// Time allowed between accept and a valid Auth frame.
+    pub auth_timeout_secs: u32,
+    /// Largest frame accepted or sent (bytes after the 4-byte prefix).
+    pub max_frame_bytes: u32,
+    /// Connections held at once; more get TOO_MANY_CONNECTIONS.
+    pub max_connections: u32,
+    /// Frames per second one connection may send; more gets RATE_LIMITED and a close.
+    pub max_frames_per_sec: u32,
+    /// Frames queued for one connection; more closes it with SLOW_CONSUMER.
+    pub write_queue_frames: u32,
+    /// HS256 secret for client JWTs. When unset, `<data_dir>/jwt.secret`
+    /// is used (and created on first start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+    /// Seconds a connection may take to flush its goodbye on shutdown.
+    pub shutdown_timeout_secs: u32,
+    /// Write durability of acknowledged messages.
+    pub durability: Durability,
+    /// Messages older than this are deleted in the background.
+    pub retention_days: u32,
+    /// How long after sending a message its sender may recall it.
+    pub recall_window_secs: u32,
+    /// Most members one group may have.
+    pub max_group_members: u32,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:7600".parse().expect("valid literal"),
+            http_listen: "127.0.0.1:7601".parse().expect("valid literal"),
+            data_dir: PathBuf::from("./data"),
+            heartbeat_secs: 30,
+            auth_timeout_secs: 10,
+            max_frame_bytes: 64 * 1024,
+            max_connections: 100_000,
+            max_frames_per_sec: 200,
+            write_queue_frames: 1024,
+            jwt_secret: None,
+            shutdown_timeout_secs: 10,
+            durability: Durability::Fsync,
+            retention_days: 30,
+            recall_window_secs: 120,
+            max_group_members: 10_000,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Flags of `ferry serve`; also the format of the `--config` TOML file
+/// (same names with underscores). Flags override `FERRY_*` variables, which
+/// override the file, which overrides the defaults.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML config file (keys as the flags below, with underscores).
+    #[arg(long, env = "FERRY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+    /// Client listen address [default: 0.0.0.0:7600].
+    #[arg(long, env = "FERRY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Ops HTTP listen address [default: 127.0.0.1:7601].
+    #[arg(long, env = "FERRY_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "FERRY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Heartbeat interval in seconds; 3 × this of silence closes a connection [default: 30].
+    #[arg(long, env = "FERRY_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u32>,
+    /// Seconds allowed from accept to a valid Auth [default: 10].
+    #[arg(long, env = "FERRY_AUTH_TIMEOUT_SECS")]
+    pub auth_timeout_secs: Option<u32>,
+    /// Largest frame in bytes, not counting the 4-byte prefix [default: 65536].
+    #[arg(long, env = "FERRY_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<u32>,
+    /// Most connections held at once [default: 100000].
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Most frames per second per connection; more → RATE_LIMITED and close [default: 200].
+    #[arg(long, env = "FERRY_MAX_FRAMES_PER_SEC")]
+    pub max_frames_per_sec: Option<u32>,
+    /// Outgoing frames queued per connection; more → SLOW_CONSUMER and close [default: 1024].
+    #[arg(long, env = "FERRY_WRITE_QUEUE_FRAMES")]
+    pub write_queue_frames: Option<u32>,
+    /// HS256 secret for client tokens [default: <data-dir>/jwt.secret, created on first start].
+    #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Seconds to drain connections on SIGTERM/SIGINT [default: 10].
+    #[arg(long, env = "FERRY_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u32>,
+    /// fsync: ack after the WAL is synced (survives power loss); wal: ack after the WAL write (survives kill -9) [default: fsync].
+    #[arg(long, env = "FERRY_DURABILITY")]
+    pub durability: Option<Durability>,
+    /// Days messages are kept [default: 30].
+    #[arg(long, env = "FERRY_RETENTION_DAYS")]
+    pub retention_days: Option<u32>,
+    /// Seconds after sending during which a message may be recalled [default: 120].
+    #[arg(long, env = "FERRY_RECALL_WINDOW_SECS")]
+    pub recall_window_secs: Option<u32>,
+    /// Most members per group [default: 10000].
+    #[arg(long, env = "FERRY_MAX_GROUP_MEMBERS")]
+    pub max_group_members: Option<u32>,
+    /// Log format [default: text]. Filter with RUST_LOG (e.g. RUST_LOG=ferry=debug).
+    #[arg(long, env = "FERRY_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+macro_rules! layer {
+    ($config:ident, $src:expr, $($field:ident),*) => {
+        $( if let Some(v) = $src.$field.clone() { $config.$field = v; } )*
+    };
+}
+
+impl ServeArgs {
+    /// Layers file < env/flags (clap already merged those two) over defaults,
+    /// and validates the result.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: ServeArgs = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+            file.apply(&mut config);
+        }
+        self.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&self, config: &mut Config) {
+        layer!(
+            config,
+            self,
+            listen,
+            http_listen,
+            data_dir,
+            heartbeat_secs,
+            auth_timeout_secs,
+            max_frame_bytes,
+            max_connections,
+            max_frames_per_sec,
+            write_queue_frames,
+            shutdown_timeout_secs,
+            durability,
+            retention_days,
+            recall_window_secs,
+            max_group_members,
+            log_format
+        );
+        if self.jwt_secret.is_some() {
+            config.jwt_secret = self.jwt_secret.clone();
+        }
+    }
+}
+
+impl Config {
+    /// Checks ranges that would make the server misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let check = |ok: bool, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid(what.to_owned()))
+            }
+        };
+        check(self.heartbeat_secs >= 1, "heartbeat_secs must be ≥ 1")?;
+        check(self.heartbeat_secs <= 3600, "heartbeat_secs must be ≤ 3600")?;
+        check(self.auth_timeout_secs >= 1, "auth_timeout_secs must be ≥ 1")?;
+        check(
+            (256..=16 * 1024 * 1024).contains(&self.max_frame_bytes),
+            "max_frame_bytes must be in 256..=16777216",
+        )?;
+        check(self.max_connections >= 1, "max_connections must be ≥ 1")?;
+        check(
+            self.max_frames_per_sec >= 1,
+            "max_frames_per_sec must be ≥ 1",
+        )?;
+        check(
+            self.write_queue_frames >= 16,
+            "write_queue_frames must be ≥ 16",
+        )?;
+        check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
+        check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
+        if let Some(secret) = &self.jwt_secret {
+            check(secret.len() >= 16, "jwt_secret must be at least 16 bytes")?;
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML (the secret is redacted).
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.jwt_secret.is_some() {
+            shown.jwt_secret = Some("<redacted>".into());
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, "heartbeat_secs = 5\nmax_connections = 77\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_connections: Some(9),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.heartbeat_secs, 5, "from the file");
+        assert_eq!(c.max_connections, 9, "flag beats file");
+        assert_eq!(c.auth_timeout_secs, 10, "default");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, "heartbeat = 5\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(matches!(args.resolve(), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let text = Config::default().to_toml();
+        let back: ServeArgs = toml::from_str(&text).unwrap();
+        assert_eq!(back.heartbeat_secs, Some(30));
+    }
+}

@@ -1,0 +1,466 @@
+//! One client connection, from accept to close.
+//!
+//! ```text
+//!  accept ──▶ auth (first frame, time-limited) ──▶ register ──▶ read loop ──▶ cleanup
+//!                                                   │
+//!                                                   └──▶ writer task (drains the outbox)
+//! ```
+//!
+//! Before auth the connection writes directly (it has nothing else to say
+//! but AuthOk or one Error). After auth, everything it sends goes through the
+//! [`Conn`] outbox, drained by a writer task into one buffered write per
+//! wake-up. Read and write buffers are dropped whenever they are empty, so an
+//! idle connection holds no buffer memory.
+//!
+//! Every server-initiated close sends its reason first, half-closes, and then
+//! reads and discards whatever the client still sends for a moment
+//! ("lingering close"): closing a socket with unread input makes the kernel
+//! send RST, which can destroy the very Error frame the client needs to see.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_protocol::proto::{self, frame::Body};
+use ferry_protocol::{CodecError, ErrorCode, Frame, FrameCodec};
+use ferry_router::session::{CloseReason, Conn, Outgoing};
+use prost::Message;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::{Instrument, debug, info};
+
+use crate::auth::MAX_ID_BYTES;
+use crate::metrics as m;
+use crate::server::Shared;
+
+/// Bytes read per read call when nothing larger is pending.
+const READ_CHUNK: usize = 4096;
+/// How long a writer may be stuck on a client that does not read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection keeps draining input before dropping.
+const LINGER: Duration = Duration::from_millis(500);
+/// Most bytes a lingering close reads before giving up.
+const LINGER_MAX_BYTES: usize = 256 * 1024;
+
+/// Serves one accepted connection until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let span = tracing::info_span!(
+        "conn",
+        ?peer,
+        user = tracing::field::Empty,
+        device = tracing::field::Empty,
+        id = tracing::field::Empty
+    );
+    serve_inner(shared, stream).instrument(span).await
+}
+
+async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
+    let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
+    let (mut read, mut write) = stream.into_split();
+    let mut buf = BytesMut::new();
+
+    let auth = match read_auth(&shared, &codec, &mut read, &mut buf).await {
+        Ok(auth) => auth,
+        Err(AuthFailure::Gone) => {
+            debug!("closed before auth");
+            return;
+        }
+        Err(AuthFailure::Reject(code, message)) => {
+            m::rejected(code);
+            info!(?code, %message, "auth rejected");
+            let frame = Frame::error(code, message);
+            let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
+            return;
+        }
+    };
+
+    let conn = Conn::new(
+        shared.router.sessions().next_conn_id(),
+        auth.user.as_str().into(),
+        auth.device.as_str().into(),
+        shared.config.write_queue_frames as usize,
+    );
+    let span = tracing::Span::current();
+    span.record("user", conn.user().as_ref());
+    span.record("device", conn.device().as_ref());
+    span.record("id", conn.id());
+    conn.touch(shared.clock.now());
+
+    let auth_ok = proto::AuthOk {
+        user_id: auth.user.clone(),
+        device_id: auth.device.clone(),
+        heartbeat_secs: shared.config.heartbeat_secs,
+        max_frame_bytes: shared.config.max_frame_bytes,
+        server_time_ms: ferry_router::now_ms(),
+        max_seq: 0,
+        node_id: shared.router.node_id().to_owned(),
+        max_frames_per_sec: shared.config.max_frames_per_sec,
+    };
+    // Queue AuthOk first, then become visible to delivery: nothing can be
+    // pushed ahead of AuthOk.
+    if let Err(e) = shared
+        .router
+        .login(&conn, auth_ok, auth.last_seq, auth.skip_sync)
+        .await
+    {
+        info!(error = %e, "login failed");
+        let frame = Frame::error(ErrorCode::Unavailable, "login failed, retry later");
+        let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
+        return;
+    }
+    m::authenticated();
+    info!("connection open");
+    let timer = shared.heartbeat.register(conn.clone());
+    if shared.shutdown.is_cancelled() {
+        // Shutdown began while we authenticated; the shutdown sweep may
+        // have missed us.
+        conn.kick(ErrorCode::ShuttingDown, "server shutting down");
+    }
+
+    let writer = tokio::spawn(write_loop(conn.clone(), codec, write));
+    let read_result = read_loop(&shared, &conn, &codec, &mut read, buf).await;
+    let (reason, last_frame) = match read_result {
+        Ok(()) => (CloseReason::Disconnected, None),
+        Err((code, message)) => {
+            m::closed_for(code);
+            (CloseReason::Code(code), Some(Frame::error(code, message)))
+        }
+    };
+    conn.close(reason, last_frame);
+
+    let close_reason = match writer.await {
+        Ok(Some((write, reason))) => {
+            if !matches!(reason, CloseReason::Disconnected) {
+                linger(read, write).await;
+            }
+            reason
+        }
+        _ => CloseReason::Disconnected,
+    };
+    shared.heartbeat.unregister(timer, &conn);
+    shared.router.logout(&conn);
+    m::connection_closed(close_reason);
+    info!(reason = ?close_reason, "connection closed");
+}
+
+struct AuthRequest {
+    user: String,
+    device: String,
+    last_seq: u64,
+    skip_sync: bool,
+}
+
+enum AuthFailure {
+    Gone,
+    Reject(ErrorCode, String),
+}
+
+/// Reads and verifies the first frame, within the auth timeout.
+async fn read_auth(
+    shared: &Shared,
+    codec: &FrameCodec,
+    read: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+) -> Result<AuthRequest, AuthFailure> {
+    let timeout = Duration::from_secs(shared.config.auth_timeout_secs as u64);
+    let first = tokio::select! {
+        r = tokio::time::timeout(timeout, read_frame(codec, read, buf)) => r,
+        _ = shared.shutdown.cancelled() => {
+            return Err(AuthFailure::Reject(ErrorCode::ShuttingDown, "server shutting down".into()));
+        }
+    };
+    let frame = match first {
+        Err(_elapsed) => {
+            return Err(AuthFailure::Reject(
+                ErrorCode::AuthTimeout,
+                format!("no Auth within {} s", timeout.as_secs()),
+            ));
+        }
+        Ok(Err(ReadError::Gone)) => return Err(AuthFailure::Gone),
+        Ok(Err(ReadError::Codec(code, message))) => return Err(AuthFailure::Reject(code, message)),
+        Ok(Ok(frame)) => frame,
+    };
+    let Some(Body::Auth(auth)) = frame.body else {
+        return Err(AuthFailure::Reject(
+            ErrorCode::AuthRequired,
+            format!("first frame must be Auth, got {}", frame.kind_name()),
+        ));
+    };
+    if auth.protocol_version != ferry_protocol::PROTOCOL_VERSION as i32 {
+        return Err(AuthFailure::Reject(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} not supported; use 1",
+                auth.protocol_version
+            ),
+        ));
+    }
+    let claims = shared
+        .tokens
+        .verify(&auth.token)
+        .map_err(|r| AuthFailure::Reject(r.code, r.message))?;
+    if auth.device_id.is_empty() || auth.device_id.len() > MAX_ID_BYTES {
+        return Err(AuthFailure::Reject(
+            ErrorCode::BadAuth,
+            format!("device_id must be 1..={MAX_ID_BYTES} bytes"),
+        ));
+    }
+    if claims
+        .dev
+        .as_ref()
+        .is_some_and(|dev| *dev != auth.device_id)
+    {
+        return Err(AuthFailure::Reject(
+            ErrorCode::BadToken,
+            "token is bound to another device".into(),
+        ));
+    }
+    Ok(AuthRequest {
+        user: claims.sub,
+        device: auth.device_id,
+        last_seq: auth.last_seq,
+        skip_sync: auth.skip_sync,
+    })
+}
+
+enum ReadError {
+    /// EOF or a transport error: nobody to answer.
+    Gone,
+    /// A protocol violation to report.
+    Codec(ErrorCode, String),
+}
+
+fn codec_error(e: CodecError) -> ReadError {
+    match e.error_code() {
+        Some(code) => ReadError::Codec(code, e.to_string()),
+        None => ReadError::Gone,
+    }
+}
+
+/// Reads until one whole frame is buffered and decodes it.
+async fn read_frame(
+    codec: &FrameCodec,
+    read: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+) -> Result<Frame, ReadError> {
+    loop {
+        if let Some(raw) = codec.decode_raw(buf).map_err(codec_error)? {
+            return Frame::decode(raw).map_err(|e| codec_error(e.into()));
+        }
+        match read_some(read, buf).await {
+            Ok(0) | Err(_) => return Err(ReadError::Gone),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One read into `buf`, growing it by a chunk only when it is full.
+async fn read_some(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    // Wait for readability without holding a buffer: idle connections park here.
+    read.readable().await?;
+    if buf.capacity() == buf.len() {
+        buf.reserve(READ_CHUNK);
+    }
+    match read.try_read_buf(buf) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(usize::MAX),
+        Err(e) => Err(e),
+    }
+}
+
+type CloseWith = (ErrorCode, String);
+
+/// Reads frames until the peer leaves, the connection is closed elsewhere,
+/// or the client breaks a rule (returned as the code to close with).
+async fn read_loop(
+    shared: &Shared,
+    conn: &Arc<Conn>,
+    codec: &FrameCodec,
+    read: &mut OwnedReadHalf,
+    mut buf: BytesMut,
+) -> Result<(), CloseWith> {
+    let max_per_sec = shared.config.max_frames_per_sec;
+    let mut window = shared.clock.now();
+    let mut frames_in_window = 0u32;
+    loop {
+        // Frames already buffered (the auth read may have over-read).
+        loop {
+            let raw = match codec.decode_raw(&mut buf) {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break,
+                Err(e) => {
+                    let code = e.error_code().unwrap_or(ErrorCode::MalformedFrame);
+                    return Err((code, e.to_string()));
+                }
+            };
+            let now = shared.clock.now();
+            conn.touch(now);
+            if now != window {
+                window = now;
+                frames_in_window = 0;
+            }
+            frames_in_window += 1;
+            if frames_in_window > max_per_sec {
+                return Err((
+                    ErrorCode::RateLimited,
+                    format!("more than {max_per_sec} frames per second"),
+                ));
+            }
+            m::bytes_in(raw.len() + ferry_protocol::LENGTH_PREFIX_BYTES);
+            let frame = Frame::decode(raw)
+                .map_err(|e| (ErrorCode::MalformedFrame, format!("malformed frame: {e}")))?;
+            dispatch(shared, conn, frame).await;
+        }
+        if buf.is_empty() {
+            // Give the allocation back: idle connections hold no read buffer.
+            buf = BytesMut::new();
+        }
+        tokio::select! {
+            biased;
+            _ = conn.cancelled().cancelled() => return Ok(()),
+            r = read_some(read, &mut buf) => match r {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// Acts on one inbound frame of an authenticated connection.
+async fn dispatch(shared: &Shared, conn: &Arc<Conn>, frame: Frame) {
+    let Some(body) = frame.body else {
+        m::frame_in("empty");
+        let _ = conn.push(Frame::error(
+            ErrorCode::UnexpectedFrame,
+            "frame has no body (unknown frame kind?)",
+        ));
+        return;
+    };
+    m::frame_in(body.kind_name());
+    match body {
+        Body::Ping(ping) => {
+            let _ = conn.push(Frame::from(proto::Pong {
+                nonce: ping.nonce,
+                server_time_ms: ferry_router::now_ms(),
+            }));
+        }
+        Body::Auth(_) => {
+            let _ = conn.push(Frame::error(
+                ErrorCode::UnexpectedFrame,
+                "already authenticated",
+            ));
+        }
+        body @ (Body::Send(_)
+        | Body::DeliverAck(_)
+        | Body::Sync(_)
+        | Body::Recall(_)
+        | Body::Read(_)
+        | Body::Typing(_)
+        | Body::GroupRequest(_)
+        | Body::History(_)) => shared.router.handle(conn, body).await,
+        other => {
+            let _ = conn.push(Frame::error(
+                ErrorCode::UnexpectedFrame,
+                format!("{} is a server-to-client frame", other.kind_name()),
+            ));
+        }
+    }
+}
+
+/// Drains the outbox into the socket until the connection closes. Returns
+/// the write half (for the lingering close) and why it closed.
+async fn write_loop(
+    conn: Arc<Conn>,
+    codec: FrameCodec,
+    mut write: OwnedWriteHalf,
+) -> Option<(OwnedWriteHalf, CloseReason)> {
+    let mut out = BytesMut::new();
+    loop {
+        let drained = conn.drain().await;
+        for item in drained.frames {
+            match item {
+                Outgoing::Frame(frame) => {
+                    m::frame_out(frame.kind_name());
+                    if let Err(e) = codec.encode_frame(&frame, &mut out) {
+                        // Only a bug can get here (we built an oversize frame).
+                        tracing::error!(error = %e, kind = frame.kind_name(), "dropping unencodable frame");
+                    }
+                }
+                Outgoing::Encoded(bytes) => {
+                    m::frame_out("deliver");
+                    out.extend_from_slice(&bytes);
+                }
+            }
+        }
+        if !out.is_empty() {
+            m::bytes_out(out.len());
+            match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    conn.close(CloseReason::Disconnected, None);
+                    return None;
+                }
+            }
+            // Keep a modest buffer while busy; give a big one back.
+            if out.capacity() > 64 * 1024 {
+                out = BytesMut::new();
+            } else {
+                out.clear();
+            }
+        }
+        if let Some(reason) = drained.closing {
+            let _ = write.shutdown().await;
+            return Some((write, reason));
+        }
+        if conn.queued() == 0 {
+            out = BytesMut::new();
+        }
+    }
+}
+
+/// Sends one frame directly (pre-auth), then closes gracefully.
+async fn goodbye(
+    codec: &FrameCodec,
+    read: &mut OwnedReadHalf,
+    write: &mut OwnedWriteHalf,
+    frame: &Frame,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    if codec.encode_frame(frame, &mut out).is_ok() {
+        tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+            .await
+            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+    }
+    write.shutdown().await?;
+    linger_read(read).await;
+    Ok(())
+}
+
+async fn linger(mut read: OwnedReadHalf, write: OwnedWriteHalf) {
+    linger_read(&mut read).await;
+    drop(write);
+}
+
+/// Reads and discards input until EOF, a byte budget, or a short deadline.
+async fn linger_read(read: &mut OwnedReadHalf) {
+    let drain = async {
+        let mut sink = BytesMut::new();
+        let mut total = 0;
+        loop {
+            sink.clear();
+            match read_some(read, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) if n != usize::MAX => {
+                    total += n;
+                    if total > LINGER_MAX_BYTES {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}

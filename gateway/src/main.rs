@@ -1,0 +1,157 @@
+//! `ferry`: the server binary and its tools.
+//!
+//! - `ferry serve`: run a node (see `ferry serve --help` for every setting).
+//! - `ferry token --uid U`: mint a client token with the node's secret.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry_gateway::auth::{SecretSource, TokenVerifier, load_or_create_secret};
+use ferry_gateway::config::{LogFormat, ServeArgs};
+use ferry_gateway::{Server, rlimit, server};
+use ferry_router::Router;
+use tracing::{info, warn};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "ferry: an instant-messaging gateway engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a ferry node.
+    Serve(ServeArgs),
+    /// Mint a client token (JWT, HS256) with this node's secret.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// User id (the token's `sub`).
+    #[arg(long)]
+    uid: String,
+    /// Bind the token to this device id.
+    #[arg(long)]
+    device: Option<String>,
+    /// Validity in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl_secs: u64,
+    /// Data directory holding jwt.secret (created if missing).
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "./data")]
+    data_dir: std::path::PathBuf,
+    /// Use this secret instead of the data dir's.
+    #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(args) => token(args),
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let (secret, _) = load_or_create_secret(args.jwt_secret.as_deref(), &args.data_dir)
+        .context("loading the JWT secret")?;
+    let verifier = TokenVerifier::new(&secret);
+    println!(
+        "{}",
+        verifier.mint(&args.uid, args.device.as_deref(), args.ttl_secs)
+    );
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    init_logging(config.log_format);
+
+    match rlimit::raise_nofile_to_hard() {
+        Ok((before, after)) => {
+            info!(before, after, "open-file limit raised to the hard limit");
+            // Each connection is one descriptor; keep some for storage and ops.
+            if after < config.max_connections as u64 + 256 {
+                warn!(
+                    open_files = after,
+                    max_connections = config.max_connections,
+                    "open-file limit is below max_connections: the OS will refuse \
+                     connections first (raise LimitNOFILE / ulimit -n, see docs/OPERATIONS.md)"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    let (secret, source) = load_or_create_secret(config.jwt_secret.as_deref(), &config.data_dir)
+        .context("loading the JWT secret")?;
+    match &source {
+        SecretSource::Configured => info!("JWT secret: from configuration"),
+        SecretSource::File(path) => info!(path = %path.display(), "JWT secret: from file"),
+        SecretSource::Created(path) => info!(
+            path = %path.display(),
+            "JWT secret: none configured, created a random one (mode 0600); \
+             mint dev tokens with `ferry token --uid <user>`"
+        ),
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listener = server::bind_client_listener(config.listen)
+            .with_context(|| format!("binding the client listener on {}", config.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let http = tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("binding the ops listener on {}", config.http_listen))?;
+        let router = Arc::new(Router::new("ferry-1"));
+        let client_addr = listener.local_addr()?;
+        let http_addr = http.local_addr()?;
+        // Tests and scripts read this line to learn the ports (with port 0).
+        println!("ferry listening: clients={client_addr} ops=http://{http_addr}");
+        info!(%client_addr, %http_addr, data_dir = %config.data_dir.display(), "ferry started");
+        let server = Server::new(config, router, TokenVerifier::new(&secret));
+        server.run(listener, http, shutdown_signal()).await;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,1 @@
+//! ferry storage on RocksDB (filled in by the durable-messaging work).

@@ -1,0 +1,260 @@
+//! Helpers for the end-to-end tests in `tests/tests/`: a real server on
+//! port 0 (in this process, or the `ferry` binary as a child process), real
+//! TCP clients, and assertions on the exact frames a client receives.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_gateway::Server;
+use ferry_gateway::auth::TokenVerifier;
+use ferry_gateway::config::Config;
+use ferry_protocol::ErrorCode;
+use ferry_protocol::client::{Client, ClientError};
+use ferry_protocol::proto::{self, frame::Body};
+use ferry_router::Router;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The secret every test server uses.
+pub const TEST_SECRET: &str = "test-secret-0123456789abcdef";
+
+/// How long a test waits for an expected frame before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A server running inside the test process.
+pub struct TestServer {
+    /// Client address.
+    pub addr: SocketAddr,
+    /// Ops HTTP address.
+    pub http: SocketAddr,
+    /// The server's router (to look at sessions).
+    pub router: Arc<Router>,
+    /// Mints tokens the server accepts.
+    pub tokens: TokenVerifier,
+    /// The data directory (kept alive with the server).
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<()>>,
+}
+
+/// A test configuration: loopback, port 0, a temp data dir.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        jwt_secret: Some(TEST_SECRET.into()),
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    /// Starts a server with the default test configuration.
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `tweak` adjusts the configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        TestServer::start_in(config, dir).await
+    }
+
+    /// Starts a server with exactly `config`, keeping `dir` alive.
+    pub async fn start_in(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
+        let listener = TcpListener::bind(config.listen).await.expect("bind");
+        let http = TcpListener::bind(config.http_listen)
+            .await
+            .expect("bind http");
+        let addr = listener.local_addr().unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let tokens = TokenVerifier::new(TEST_SECRET.as_bytes());
+        let router = Arc::new(Router::new("test-node"));
+        let server = Server::new(config, router.clone(), tokens.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(async move {
+            server
+                .run(listener, http, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        TestServer {
+            addr,
+            http: http_addr,
+            router,
+            tokens,
+            dir,
+            stop: Some(stop),
+            join: Some(join),
+        }
+    }
+
+    /// A valid token for `user`.
+    pub fn token(&self, user: &str) -> String {
+        self.tokens.mint(user, None, 3600)
+    }
+
+    /// A raw, unauthenticated connection.
+    pub async fn connect(&self) -> Client {
+        Client::connect(self.addr).await.expect("connect")
+    }
+
+    /// A connection authenticated as `user` on `device`.
+    pub async fn login(&self, user: &str, device: &str) -> Client {
+        let mut client = self.connect().await;
+        let ok = within(client.authenticate(&self.token(user), device, 0))
+            .await
+            .expect("auth");
+        assert_eq!(ok.user_id, user);
+        client
+    }
+
+    /// Stops the server (graceful shutdown) and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(join) = self.join.take() {
+            within(join).await.expect("server task");
+        }
+    }
+}
+
+/// Awaits `f`, failing the test after [`WAIT`].
+pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .expect("timed out waiting")
+}
+
+/// Reads frames until an `Error` or `Kick` and returns its code; fails on
+/// anything else except Pong and SyncBatch (which may precede it).
+pub async fn next_error_code(client: &mut Client) -> ErrorCode {
+    loop {
+        match within(client.recv_frame()).await {
+            Ok(Body::Error(e)) => return e.code(),
+            Ok(Body::Kick(k)) => return k.reason(),
+            Ok(Body::SyncBatch(_)) => continue,
+            Ok(other) => panic!("expected an error, got {}", other.kind_name()),
+            Err(e) => panic!("expected an error, got {e}"),
+        }
+    }
+}
+
+/// Asserts the server closes the connection (EOF or reset) without sending
+/// anything but Pongs.
+pub async fn expect_closed(client: &mut Client) {
+    loop {
+        match within(client.recv()).await {
+            Ok(None) | Err(ClientError::Codec(_)) => return,
+            Ok(Some(proto::Frame {
+                body: Some(Body::Pong(_)),
+            })) => continue,
+            Ok(Some(f)) => panic!("expected close, got {}", f.kind_name()),
+            Err(e) => panic!("expected close, got {e}"),
+        }
+    }
+}
+
+/// Asserts the next frames are an `Error`/`Kick` with `code`, then a close.
+pub async fn expect_error_then_close(client: &mut Client, code: ErrorCode) {
+    assert_eq!(next_error_code(client).await, code);
+    expect_closed(client).await;
+}
+
+/// Round-trips a Ping to prove the connection is alive and served.
+pub async fn assert_alive(client: &mut Client) {
+    let nonce = rand::random::<u64>();
+    client.send(proto::Ping { nonce }).await.expect("send ping");
+    loop {
+        match within(client.recv()).await.expect("recv") {
+            Some(proto::Frame {
+                body: Some(Body::Pong(p)),
+            }) if p.nonce == nonce => return,
+            Some(_) => continue,
+            None => panic!("connection closed"),
+        }
+    }
+}
+
+/// The `ferry` binary, built next to the test executable by `make test`
+/// (`cargo build --bins` before `cargo test`).
+pub fn ferry_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let bin = dir.join("ferry");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`make test` does, or `cargo build --release --bins`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `ferry serve` child process on port 0.
+pub struct ServerProcess {
+    /// The child.
+    pub child: tokio::process::Child,
+    /// Client address.
+    pub addr: SocketAddr,
+    /// Ops HTTP address.
+    pub http: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `ferry serve` on `data_dir` with extra flags; waits for its
+    /// "listening" line.
+    pub async fn start(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+        let mut child = tokio::process::Command::new(ferry_binary())
+            .arg("serve")
+            .arg("--listen=127.0.0.1:0")
+            .arg("--http-listen=127.0.0.1:0")
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .arg(format!("--jwt-secret={TEST_SECRET}"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn ferry");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = within(lines.next_line())
+            .await
+            .expect("read stdout")
+            .expect("ferry exited before listening");
+        // "ferry listening: clients=127.0.0.1:X ops=http://127.0.0.1:Y"
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(name).expect("field in listening line") + name.len();
+            let rest = &line[start..];
+            let end = rest.find(' ').unwrap_or(rest.len());
+            rest[..end].parse().expect("address")
+        };
+        let addr = field("clients=");
+        let http = field("ops=http://");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess { child, addr, http }
+    }
+
+    /// Sends a signal to the child.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: kill(2) with a pid we own; no memory is involved.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
