@@ -1,8 +1,12 @@
 # ferry — the two commands of a newcomer are `make run` and `make test`.
 #
-# Everything builds with the release profile: the RocksDB C++ library takes
-# ~16 minutes to compile on 2 cores, so run, test, clippy and bench share one
-# build of it. Point CARGO_TARGET_DIR at a persistent directory to keep it warm.
+# Everything builds with the release profile and the whole workspace: the
+# RocksDB C++ library takes 16-30 minutes to compile on 2 cores, so run, test,
+# clippy and bench must share one build of it. Cargo rebuilds it whenever the
+# features of its build dependencies change, and `-p <crate>` selections or a
+# different profile can change them: so every target here builds with
+# `--workspace` and the `release` profile (also `cargo bench --profile release`).
+# Point CARGO_TARGET_DIR at a persistent directory to keep it warm.
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -49,7 +53,7 @@ test: deps
 
 ## bench: criterion micro-benches, then the short load suite on a spawned server.
 bench: build
-	$(CARGO) bench --workspace
+	$(CARGO) bench --profile release --workspace
 	$(CARGO_TARGET_DIR)/release/ferry-bench suite --spawn
 
 ## fuzz: run the frame decoder fuzz target for FUZZ_SECONDS (default 300).

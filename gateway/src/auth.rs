@@ -117,7 +117,7 @@ impl TokenVerifier {
         let claims = data.claims;
         if claims.sub.is_empty() || claims.sub.len() > MAX_ID_BYTES {
             return Err(reject(
-                ErrorCode::BadToken,
+                ErrorCode::BadAuth,
                 format!("token sub must be 1..={MAX_ID_BYTES} bytes"),
             ));
         }

@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+/// Files RocksDB may hold open: they share the process's descriptor
+/// budget with client connections, so the number is fixed and small.
+pub const STORAGE_MAX_OPEN_FILES: i32 = 256;
+
 /// How hard the storage works to keep acknowledged messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -81,7 +85,7 @@ impl Default for Config {
             auth_timeout_secs: 10,
             max_frame_bytes: 64 * 1024,
             max_connections: 100_000,
-            max_frames_per_sec: 200,
+            max_frames_per_sec: 1000,
             write_queue_frames: 1024,
             jwt_secret: None,
             shutdown_timeout_secs: 10,
@@ -129,7 +133,7 @@ pub struct ServeArgs {
     /// Most connections held at once [default: 100000].
     #[arg(long, env = "FERRY_MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
-    /// Most frames per second per connection; more → RATE_LIMITED and close [default: 200].
+    /// Most frames per second per connection; more → RATE_LIMITED and close [default: 1000].
     #[arg(long, env = "FERRY_MAX_FRAMES_PER_SEC")]
     pub max_frames_per_sec: Option<u32>,
     /// Outgoing frames queued per connection; more → SLOW_CONSUMER and close [default: 1024].
@@ -236,6 +240,36 @@ impl ServeArgs {
 }
 
 impl Config {
+    /// Where RocksDB lives inside the data dir.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+
+    /// The storage settings.
+    pub fn storage_options(&self) -> ferry_storage::StorageOptions {
+        ferry_storage::StorageOptions {
+            retention_days: self.retention_days,
+            max_open_files: STORAGE_MAX_OPEN_FILES,
+        }
+    }
+
+    /// The router settings.
+    pub fn router_config(&self) -> ferry_router::RouterConfig {
+        ferry_router::RouterConfig {
+            node_id: "ferry-1".into(),
+            max_frame_bytes: self.max_frame_bytes as usize,
+            recall_window_ms: self.recall_window_secs as u64 * 1000,
+            commit: ferry_storage::CommitOptions {
+                durability: match self.durability {
+                    Durability::Fsync => ferry_storage::Durability::Fsync,
+                    Durability::Wal => ferry_storage::Durability::Wal,
+                },
+                max_group_members: self.max_group_members as usize,
+                ..Default::default()
+            },
+        }
+    }
+
     /// Checks ranges that would make the server misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let check = |ok: bool, what: &str| {

@@ -389,8 +389,14 @@ async fn write_loop(
                     }
                 }
                 Outgoing::Encoded(bytes) => {
-                    m::frame_out("deliver");
+                    m::frame_out("encoded");
                     out.extend_from_slice(&bytes);
+                }
+                Outgoing::Entry { seq, shared } => {
+                    m::frame_out("deliver");
+                    if let Err(e) = codec.encode_entry(seq, &shared, &mut out) {
+                        tracing::error!(error = %e, seq, "dropping unencodable entry");
+                    }
                 }
             }
         }

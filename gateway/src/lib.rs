@@ -21,3 +21,36 @@ pub mod server;
 pub mod wheel;
 
 pub use server::Server;
+
+use std::sync::Arc;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database could not be opened.
+    #[error("opening storage in {path}: {source}")]
+    Storage {
+        /// The database directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: ferry_storage::StorageError,
+    },
+    /// A background thread could not start.
+    #[error("starting the retention sweeper: {0}")]
+    Sweeper(std::io::Error),
+    /// The router could not start.
+    #[error("starting the router: {0}")]
+    Router(#[from] ferry_router::RouterError),
+}
+
+/// Opens storage for `config`, starts its retention sweeper and its group
+/// committer, and returns the router over it. Call inside a tokio runtime.
+pub fn open_router(config: &config::Config) -> Result<Arc<ferry_router::Router>, StartError> {
+    let path = config.db_path();
+    let storage = ferry_storage::Storage::open(&path, config.storage_options())
+        .map_err(|source| StartError::Storage { path, source })?;
+    ferry_storage::retention::spawn_sweeper(storage.clone(), std::time::Duration::from_secs(3600))
+        .map_err(StartError::Sweeper)?;
+    let router = ferry_router::Router::new(config.router_config(), storage)?;
+    Ok(Arc::new(router))
+}

@@ -3,14 +3,11 @@
 //! - `ferry serve`: run a node (see `ferry serve --help` for every setting).
 //! - `ferry token --uid U`: mint a client token with the node's secret.
 
-use std::sync::Arc;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_gateway::auth::{SecretSource, TokenVerifier, load_or_create_secret};
 use ferry_gateway::config::{LogFormat, ServeArgs};
 use ferry_gateway::{Server, rlimit, server};
-use ferry_router::Router;
 use tracing::{info, warn};
 
 #[global_allocator]
@@ -97,7 +94,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok((before, after)) => {
             info!(before, after, "open-file limit raised to the hard limit");
             // Each connection is one descriptor; keep some for storage and ops.
-            if after < config.max_connections as u64 + 256 {
+            let reserve = ferry_gateway::config::STORAGE_MAX_OPEN_FILES as u64 + 256;
+            if after < config.max_connections as u64 + reserve {
                 warn!(
                     open_files = after,
                     max_connections = config.max_connections,
@@ -134,7 +132,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(config.http_listen)
             .await
             .with_context(|| format!("binding the ops listener on {}", config.http_listen))?;
-        let router = Arc::new(Router::new("ferry-1"));
+        let router = ferry_gateway::open_router(&config)?;
         let client_addr = listener.local_addr()?;
         let http_addr = http.local_addr()?;
         // Tests and scripts read this line to learn the ports (with port 0).

@@ -32,6 +32,7 @@ const KINDS: &[&str] = &[
     "group_reply",
     "history",
     "history_page",
+    "encoded",
     "empty",
 ];
 

@@ -123,6 +123,51 @@ impl FrameCodec {
     }
 }
 
+/// Tag of `Frame.deliver` (field 7, length-delimited).
+const FRAME_DELIVER_TAG: u8 = (7 << 3) | 2;
+/// Tag of `Deliver.seq` (field 1, varint).
+const DELIVER_SEQ_TAG: u8 = 1 << 3;
+
+impl FrameCodec {
+    /// Appends `Frame { deliver }` where the Deliver is `shared` (a
+    /// `Deliver` encoded with seq 0, so without a seq field) plus `seq`.
+    ///
+    /// Fan-out encodes an entry once and completes it per recipient here:
+    /// Protobuf fields may come in any order and a field absent from
+    /// `shared` is simply added, so the result decodes exactly as if the
+    /// whole `Deliver` had been encoded with that seq.
+    pub fn encode_entry(
+        &self,
+        seq: u64,
+        shared: &[u8],
+        dst: &mut BytesMut,
+    ) -> Result<(), CodecError> {
+        let seq_len = if seq == 0 {
+            0
+        } else {
+            1 + prost::encoding::encoded_len_varint(seq)
+        };
+        let inner = seq_len + shared.len();
+        let len = 1 + prost::encoding::encoded_len_varint(inner as u64) + inner;
+        if len > self.max_frame_bytes {
+            return Err(CodecError::FrameTooLarge {
+                len,
+                max: self.max_frame_bytes,
+            });
+        }
+        dst.reserve(LENGTH_PREFIX_BYTES + len);
+        dst.put_u32(len as u32);
+        dst.put_u8(FRAME_DELIVER_TAG);
+        prost::encoding::encode_varint(inner as u64, dst);
+        if seq != 0 {
+            dst.put_u8(DELIVER_SEQ_TAG);
+            prost::encoding::encode_varint(seq, dst);
+        }
+        dst.extend_from_slice(shared);
+        Ok(())
+    }
+}
+
 /// Grows `src` so it can hold `needed` bytes without over-allocating.
 /// `BytesMut::reserve` may double the capacity; for a buffer that a peer
 /// fills, we want the allocation bounded by the frame it announced.
@@ -242,6 +287,29 @@ mod tests {
             smaller.encode(&frame, &mut buf),
             Err(CodecError::FrameTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn shared_entry_encoding_equals_full_encoding() {
+        let codec = FrameCodec::default();
+        let mut entry = proto::Deliver {
+            msg_id: 99,
+            from: "alice".into(),
+            body: Bytes::from_static(b"hi"),
+            kind: proto::EntryKind::Message as i32,
+            ..Default::default()
+        };
+        let shared = entry.encode_to_vec();
+        for seq in [0u64, 1, 127, 128, 300, u64::MAX] {
+            let mut fast = BytesMut::new();
+            codec.encode_entry(seq, &shared, &mut fast).unwrap();
+            entry.seq = seq;
+            let mut full = BytesMut::new();
+            codec
+                .encode_frame(&Frame::from(entry.clone()), &mut full)
+                .unwrap();
+            assert_eq!(fast, full, "seq {seq}");
+        }
     }
 
     #[test]

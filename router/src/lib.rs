@@ -1,17 +1,36 @@
-//! ferry routing: who receives a message and where they are.
+//! ferry routing: who receives a message, where they are, and getting it
+//! to them in order.
 //!
 //! - [`session`]: the online registry and the per-connection outbox.
-//! - [`Router`]: login/logout and the handling of every client request.
+//! - [`Router`]: login/logout and every client request: validation, then
+//!   writes through the storage's group committer, reads straight from
+//!   storage on blocking threads.
+//! - `delivery`: what happens after a batch is durable: acks, replies, and
+//!   the fan-out of inbox entries to online connections.
+//!
+//! # Ordering
+//!
+//! Each connection tracks the highest inbox seq it was handed. A live push
+//! goes out only if it is exactly the next seq; an older one is dropped as a
+//! duplicate; a newer one means something was missed and starts a sync from
+//! storage. While a sync runs, live pushes are skipped (and noted); the sync
+//! reads storage again until nothing was skipped. Both paths decide under
+//! the connection's outbox lock, so a device sees its inbox in seq order,
+//! with no gap and no duplicate.
 #![warn(missing_docs)]
 
+mod delivery;
 pub mod session;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ferry_protocol::proto::{self, frame::Body};
+use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
 use ferry_protocol::{ErrorCode, Frame};
+use ferry_storage::{CommitOptions, Committer, GroupChange, Op, Storage, StorageError, Target};
 use session::{Conn, Sessions};
+
+pub use delivery::Reply;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -24,73 +43,501 @@ pub fn now_ms() -> u64 {
 /// Router errors.
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// The router is shutting down.
     #[error("router is shutting down")]
     ShuttingDown,
 }
 
-/// Routes requests of authenticated connections.
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// This node's id (AuthOk.node_id).
+    pub node_id: String,
+    /// Largest frame; bounds message size and page sizes.
+    pub max_frame_bytes: usize,
+    /// How long a sender may recall a message.
+    pub recall_window_ms: u64,
+    /// Group commit settings.
+    pub commit: CommitOptions,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            node_id: "ferry-1".into(),
+            max_frame_bytes: ferry_protocol::DEFAULT_MAX_FRAME_BYTES,
+            recall_window_ms: 120_000,
+            commit: CommitOptions::default(),
+        }
+    }
+}
+
+/// Entries per login-sync page and default Sync page.
+pub const SYNC_PAGE: usize = 200;
+/// Largest Sync page a client may ask for.
+pub const SYNC_PAGE_MAX: usize = 1000;
+/// Default and largest History page.
+pub const HISTORY_PAGE: usize = 50;
+/// Largest History page.
+pub const HISTORY_PAGE_MAX: usize = 200;
+/// Room left in a frame for everything but the app's content.
+const FRAME_HEADROOM: usize = 1024;
+
+/// Routes the requests of authenticated connections.
 pub struct Router {
-    node_id: String,
-    sessions: Sessions,
+    config: RouterConfig,
+    shared: Arc<delivery::Shared>,
+    committer: Committer<Reply>,
+}
+
+fn invalid(message: impl Into<String>) -> (ErrorCode, String) {
+    (ErrorCode::InvalidRequest, message.into())
+}
+
+fn target_of(conv: Option<&proto::Conversation>) -> Result<Target, (ErrorCode, String)> {
+    let conv = conv.ok_or_else(|| invalid("conversation is required"))?;
+    if conv.id.is_empty() || conv.id.len() > 64 {
+        return Err(invalid("conversation id must be 1..=64 bytes"));
+    }
+    match conv.kind() {
+        proto::ConversationKind::Direct => Ok(Target::Direct(conv.id.as_str().into())),
+        proto::ConversationKind::Group => Ok(Target::Group(conv.id.as_str().into())),
+        proto::ConversationKind::Unspecified => Err(invalid("conversation kind is required")),
+    }
 }
 
 impl Router {
-    /// A single-node router.
-    pub fn new(node_id: impl Into<String>) -> Router {
-        Router {
-            node_id: node_id.into(),
-            sessions: Sessions::new(),
-        }
+    /// A single-node router over `storage`. Must be called inside a tokio
+    /// runtime (deliveries spawn sync tasks on it).
+    pub fn new(config: RouterConfig, storage: Arc<Storage>) -> Result<Router, RouterError> {
+        let shared = Arc::new(delivery::Shared::new(
+            storage.clone(),
+            config.max_frame_bytes,
+            tokio::runtime::Handle::current(),
+        ));
+        let sink_shared = shared.clone();
+        let committer = Committer::start(storage, config.commit.clone(), move |results| {
+            sink_shared.committed(results)
+        })?;
+        Ok(Router {
+            config,
+            shared,
+            committer,
+        })
     }
 
     /// This node's id.
     pub fn node_id(&self) -> &str {
-        &self.node_id
+        &self.config.node_id
     }
 
     /// The online-session registry.
     pub fn sessions(&self) -> &Sessions {
-        &self.sessions
+        &self.shared.sessions
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.shared.storage
     }
 
     /// Whether storage is open and the router can serve.
     pub fn is_ready(&self) -> bool {
-        true
+        !self
+            .shared
+            .stopping
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Queues `auth_ok`, registers `conn` (kicking the connection it
-    /// replaces), and starts its sync.
+    /// Queues `auth_ok` (with the inbox's max seq filled in), registers
+    /// `conn` (kicking the connection it replaces) and starts its sync from
+    /// `last_seq` unless `skip_sync`.
     pub async fn login(
         &self,
         conn: &Arc<Conn>,
-        auth_ok: proto::AuthOk,
-        _last_seq: u64,
-        _skip_sync: bool,
+        mut auth_ok: proto::AuthOk,
+        last_seq: u64,
+        skip_sync: bool,
     ) -> Result<(), RouterError> {
+        let storage = self.shared.storage.clone();
+        let user = conn.user().clone();
+        let max_seq = tokio::task::spawn_blocking(move || storage.max_seq(&user))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)??;
+        auth_ok.max_seq = max_seq;
         let _ = conn.push(Frame::from(auth_ok));
-        if let Some(old) = self.sessions.register(conn.clone()) {
+        if skip_sync {
+            conn.start_at(max_seq, false);
+        } else {
+            // A device claiming more than the inbox holds (a wiped data dir)
+            // resumes from what exists, so it never misses new entries.
+            conn.start_at(last_seq.min(max_seq), true);
+        }
+        if let Some(old) = self.shared.sessions.register(conn.clone()) {
             old.kick(
                 ErrorCode::LoggedInElsewhere,
-                "logged in on another connection",
+                "this device logged in on another connection",
             );
+        }
+        if !skip_sync {
+            delivery::spawn_sync(self.shared.clone(), conn.clone());
         }
         Ok(())
     }
 
     /// Forgets `conn` if it is still the registered connection of its device.
     pub fn logout(&self, conn: &Conn) {
-        self.sessions.unregister(conn);
+        self.shared.sessions.unregister(conn);
     }
 
     /// Handles one request frame of `conn`.
     pub async fn handle(&self, conn: &Arc<Conn>, body: Body) {
-        let _ = conn.push(Frame::error(
-            ErrorCode::Unavailable,
-            format!("{} is not available on this node yet", body.kind_name()),
-        ));
+        let result = match body {
+            Body::Send(send) => self.send(conn, send).await,
+            Body::DeliverAck(ack) => {
+                let op = Op::Ack {
+                    user: conn.user().clone(),
+                    device: conn.device().clone(),
+                    seq: ack.up_to_seq,
+                };
+                self.submit(op, Reply::None).await
+            }
+            Body::Sync(sync) => self.sync(conn, sync).await,
+            Body::Recall(recall) => self.recall(conn, recall).await,
+            Body::Read(read) => match target_of(read.conversation.as_ref()) {
+                Ok(to) => {
+                    let op = Op::Read {
+                        from: conn.user().clone(),
+                        to,
+                        up_to_msg_id: read.up_to_msg_id,
+                    };
+                    self.submit(op, Reply::None).await
+                }
+                Err(e) => Err(e),
+            },
+            Body::Typing(typing) => self.typing(conn, typing),
+            Body::GroupRequest(request) => self.group(conn, request).await,
+            Body::History(history) => self.history(conn, history).await,
+            other => Err((
+                ErrorCode::UnexpectedFrame,
+                format!("{} is not a request", other.kind_name()),
+            )),
+        };
+        if let Err((code, message)) = result {
+            let (request_id, client_msg_id) = (0, 0);
+            let _ = conn.push(error_frame(code, message, request_id, client_msg_id));
+        }
     }
 
-    /// Flushes and closes storage.
-    pub async fn shutdown(&self) {}
+    async fn submit(&self, op: Op, reply: Reply) -> Result<(), (ErrorCode, String)> {
+        self.committer
+            .submit(op, reply)
+            .await
+            .map_err(|_| (ErrorCode::Unavailable, "storage is shutting down".into()))
+    }
+
+    async fn send(&self, conn: &Arc<Conn>, send: proto::Send) -> Result<(), (ErrorCode, String)> {
+        let fail = |code, message: String| {
+            let _ = conn.push(error_frame(code, message, 0, send.client_msg_id));
+            Ok(())
+        };
+        if send.client_msg_id == 0 {
+            return fail(
+                ErrorCode::InvalidRequest,
+                "client_msg_id must be non-zero".into(),
+            );
+        }
+        let to = match target_of(send.to.as_ref()) {
+            Ok(to) => to,
+            Err((code, message)) => return fail(code, message),
+        };
+        let size = send.body.len() + send.content_type.len();
+        if size + FRAME_HEADROOM > self.config.max_frame_bytes {
+            return fail(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "body + content_type must be at most {} bytes",
+                    self.config.max_frame_bytes - FRAME_HEADROOM
+                ),
+            );
+        }
+        let op = Op::Send {
+            from: conn.user().clone(),
+            client_msg_id: send.client_msg_id,
+            to,
+            content_type: send.content_type,
+            body: send.body,
+            system: false,
+        };
+        let reply = Reply::Send {
+            conn: conn.clone(),
+            client_msg_id: send.client_msg_id,
+        };
+        match self.committer.submit(op, reply).await {
+            Ok(()) => Ok(()),
+            Err(_) => fail(ErrorCode::Unavailable, "storage is shutting down".into()),
+        }
+    }
+
+    async fn sync(&self, conn: &Arc<Conn>, sync: proto::Sync) -> Result<(), (ErrorCode, String)> {
+        let limit = match sync.limit as usize {
+            0 => SYNC_PAGE,
+            n => n.min(SYNC_PAGE_MAX),
+        };
+        let storage = self.shared.storage.clone();
+        let user = conn.user().clone();
+        let page =
+            tokio::task::spawn_blocking(move || storage.read_inbox(&user, sync.after_seq, limit))
+                .await
+                .map_err(|_| (ErrorCode::Internal, "sync task failed".to_owned()))?
+                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        let max_seq = page.last_seq;
+        let (entries, truncated) = delivery::fit_entries(page.entries, self.config.max_frame_bytes);
+        let batch = proto::SyncBatch {
+            request_id: sync.request_id,
+            entries,
+            has_more: page.has_more || truncated,
+            max_seq,
+        };
+        let _ = conn.push(Frame::from(batch));
+        Ok(())
+    }
+
+    async fn recall(
+        &self,
+        conn: &Arc<Conn>,
+        recall: proto::Recall,
+    ) -> Result<(), (ErrorCode, String)> {
+        let to = target_of(recall.conversation.as_ref()).map_err(|(c, m)| {
+            let _ = conn.push(error_frame(c, m.clone(), recall.request_id, 0));
+            (c, m)
+        });
+        let Ok(to) = to else { return Ok(()) };
+        if recall.msg_id == 0 {
+            let _ = conn.push(error_frame(
+                ErrorCode::InvalidRequest,
+                "msg_id is required".into(),
+                recall.request_id,
+                0,
+            ));
+            return Ok(());
+        }
+        let op = Op::Recall {
+            from: conn.user().clone(),
+            to,
+            msg_id: recall.msg_id,
+            window_ms: self.config.recall_window_ms,
+        };
+        let reply = Reply::Request {
+            conn: conn.clone(),
+            request_id: recall.request_id,
+        };
+        self.submit(op, reply).await
+    }
+
+    fn typing(&self, conn: &Arc<Conn>, typing: proto::Typing) -> Result<(), (ErrorCode, String)> {
+        let to = target_of(typing.conversation.as_ref())?;
+        let from = conn.user().to_string();
+        match to {
+            Target::Direct(peer) => {
+                let frame = Frame::from(proto::Typing {
+                    conversation: Some(proto::Conversation {
+                        kind: proto::ConversationKind::Direct as i32,
+                        id: from.clone(),
+                    }),
+                    typing: typing.typing,
+                    from,
+                });
+                self.shared.sessions.for_each_connection(&peer, |c| {
+                    c.try_push_best_effort(frame.clone());
+                });
+            }
+            Target::Group(group_id) => {
+                let group = self
+                    .shared
+                    .storage
+                    .group(&group_id)
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                let Some(group) = group.filter(|g| g.is_member(&from)) else {
+                    return Err((ErrorCode::NotAMember, format!("not a member of {group_id}")));
+                };
+                let frame = Frame::from(proto::Typing {
+                    conversation: typing.conversation,
+                    typing: typing.typing,
+                    from: from.clone(),
+                });
+                for member in group.members.iter().filter(|m| m.as_ref() != from) {
+                    self.shared.sessions.for_each_connection(member, |c| {
+                        c.try_push_best_effort(frame.clone());
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn group(
+        &self,
+        conn: &Arc<Conn>,
+        request: proto::GroupRequest,
+    ) -> Result<(), (ErrorCode, String)> {
+        let request_id = request.request_id;
+        let fail = |code, message: String| {
+            let _ = conn.push(error_frame(code, message, request_id, 0));
+            Ok(())
+        };
+        let change = match request.op {
+            None => return fail(ErrorCode::InvalidRequest, "group request has no op".into()),
+            Some(GroupOp::ListMembers(list)) => {
+                let group = match self.shared.storage.group(&list.group_id) {
+                    Ok(group) => group,
+                    Err(e) => return fail(ErrorCode::Internal, e.to_string()),
+                };
+                let Some(group) = group else {
+                    return fail(
+                        ErrorCode::NoSuchGroup,
+                        format!("no group {}", list.group_id),
+                    );
+                };
+                if !group.is_member(conn.user()) {
+                    return fail(
+                        ErrorCode::NotAMember,
+                        format!("not a member of {}", list.group_id),
+                    );
+                }
+                let _ = conn.push(Frame::from(delivery::group_reply(request_id, &group)));
+                return Ok(());
+            }
+            Some(GroupOp::Create(c)) => GroupChange::Create {
+                group_id: c.group_id,
+                name: c.name,
+                members: c.members,
+            },
+            Some(GroupOp::AddMembers(a)) => GroupChange::Add {
+                group_id: a.group_id,
+                members: a.members,
+            },
+            Some(GroupOp::RemoveMembers(r)) => GroupChange::Remove {
+                group_id: r.group_id,
+                members: r.members,
+            },
+            Some(GroupOp::Leave(l)) => GroupChange::Leave {
+                group_id: l.group_id,
+            },
+            Some(GroupOp::Dissolve(d)) => GroupChange::Dissolve {
+                group_id: d.group_id,
+            },
+            Some(GroupOp::SetRole(s)) => GroupChange::SetRole {
+                role: s.role(),
+                group_id: s.group_id,
+                user: s.user_id,
+            },
+        };
+        let op = Op::Group {
+            actor: conn.user().clone(),
+            change,
+        };
+        let reply = Reply::Request {
+            conn: conn.clone(),
+            request_id,
+        };
+        self.submit(op, reply).await
+    }
+
+    async fn history(
+        &self,
+        conn: &Arc<Conn>,
+        history: proto::History,
+    ) -> Result<(), (ErrorCode, String)> {
+        let request_id = history.request_id;
+        let result = self.read_history(conn.user(), history).await;
+        match result {
+            Ok(page) => {
+                let _ = conn.push(Frame::from(page));
+            }
+            Err((code, message)) => {
+                let _ = conn.push(error_frame(code, message, request_id, 0));
+            }
+        }
+        Ok(())
+    }
+
+    /// One page of a conversation's history as `user` sees it.
+    pub async fn read_history(
+        &self,
+        user: &Arc<str>,
+        history: proto::History,
+    ) -> Result<proto::HistoryPage, (ErrorCode, String)> {
+        let to = target_of(history.conversation.as_ref())?;
+        let limit = match history.limit as usize {
+            0 => HISTORY_PAGE,
+            n => n.min(HISTORY_PAGE_MAX),
+        };
+        let conv = match &to {
+            Target::Direct(peer) => ferry_storage::keys::ConvKey::direct(user, peer),
+            Target::Group(g) => {
+                let group = self
+                    .shared
+                    .storage
+                    .group(g)
+                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                if !group.is_some_and(|g| g.is_member(user)) {
+                    return Err((ErrorCode::NotAMember, format!("not a member of {g}")));
+                }
+                ferry_storage::keys::ConvKey::Group(g.to_string())
+            }
+        };
+        let storage = self.shared.storage.clone();
+        let viewer = user.clone();
+        let (entries, has_more) = tokio::task::spawn_blocking(move || {
+            storage.history(&viewer, &conv, history.before_msg_id, limit)
+        })
+        .await
+        .map_err(|_| (ErrorCode::Internal, "history task failed".to_owned()))?
+        .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+        let (entries, truncated) = delivery::fit_entries(entries, self.config.max_frame_bytes);
+        Ok(proto::HistoryPage {
+            request_id: history.request_id,
+            entries,
+            has_more: has_more || truncated,
+        })
+    }
+
+    /// Submits a write on behalf of the server itself (admin API); the
+    /// outcome is sent to `reply`.
+    pub async fn submit_admin(
+        &self,
+        op: Op,
+        reply: tokio::sync::oneshot::Sender<ferry_storage::Outcome>,
+    ) -> Result<(), RouterError> {
+        self.committer
+            .submit(op, Reply::Admin(reply))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)
+    }
+
+    /// Waits until everything submitted so far is committed and delivered
+    /// to outboxes, then flushes storage.
+    pub async fn shutdown(&self) {
+        self.shared
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.committer.barrier().await;
+        let storage = self.shared.storage.clone();
+        let _ = tokio::task::spawn_blocking(move || storage.flush()).await;
+    }
+}
+
+/// An `Error` frame for a failed request.
+pub fn error_frame(code: ErrorCode, message: String, request_id: u64, client_msg_id: u64) -> Frame {
+    Frame::from(proto::Error {
+        code: code as i32,
+        message,
+        request_id,
+        client_msg_id,
+        closing: code.is_closing(),
+    })
 }

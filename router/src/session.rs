@@ -36,8 +36,16 @@ pub type ConnId = u64;
 pub enum Outgoing {
     /// A frame to encode.
     Frame(Frame),
-    /// A frame already encoded, length prefix included (shared by fan-out).
+    /// A frame already encoded, length prefix included.
     Encoded(Bytes),
+    /// An inbox entry shared by a fan-out: a `Deliver` encoded once with
+    /// seq 0, completed with this connection's seq by the writer.
+    Entry {
+        /// The seq in this user's inbox.
+        seq: u64,
+        /// The encoded `Deliver` without its seq.
+        shared: Bytes,
+    },
 }
 
 impl From<Frame> for Outgoing {
@@ -72,6 +80,26 @@ struct Outbox {
     frames: VecDeque<Outgoing>,
     /// Set once; after it, pushes fail and the writer finishes up.
     closing: Option<CloseReason>,
+    /// Highest inbox seq handed to this connection, live or by sync.
+    delivered: u64,
+    /// A sync is streaming stored entries; live pushes wait for it.
+    syncing: bool,
+    /// A live push was skipped during the sync: read storage once more.
+    missed: bool,
+}
+
+/// What a live push of an inbox entry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LivePush {
+    /// Queued: it was the next seq.
+    Queued,
+    /// Not needed: already delivered, or a running sync will fetch it.
+    Skipped,
+    /// It is ahead of the next expected seq: the caller must start a sync
+    /// (the connection is now marked as syncing).
+    NeedsSync,
+    /// The connection is closing.
+    Closed,
 }
 
 /// The shared handle of one authenticated connection.
@@ -83,11 +111,10 @@ pub struct Conn {
     outbox: Mutex<Outbox>,
     wake: Notify,
     cancel: CancellationToken,
+    /// Woken when the writer has drained the outbox (sync pacing).
+    space: Notify,
     /// Coarse clock second of the last inbound frame (heartbeat).
     last_seen: AtomicU32,
-    /// Highest seq handed to this connection, live or by sync: the router's
-    /// guard against gaps and duplicates (see the router's delivery docs).
-    delivered_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -119,11 +146,14 @@ impl Conn {
             outbox: Mutex::new(Outbox {
                 frames: VecDeque::new(),
                 closing: None,
+                delivered: 0,
+                syncing: false,
+                missed: false,
             }),
             wake: Notify::new(),
             cancel: CancellationToken::new(),
+            space: Notify::new(),
             last_seen: AtomicU32::new(0),
-            delivered_seq: AtomicU64::new(0),
         })
     }
 
@@ -152,7 +182,15 @@ impl Conn {
     /// Queues a frame for the writer. A full outbox closes the connection
     /// with `SLOW_CONSUMER`.
     pub fn push(&self, out: impl Into<Outgoing>) -> Result<(), PushError> {
-        let mut outbox = self.lock();
+        let outbox = self.lock();
+        self.push_locked(outbox, out.into())
+    }
+
+    fn push_locked(
+        &self,
+        mut outbox: MutexGuard<'_, Outbox>,
+        out: Outgoing,
+    ) -> Result<(), PushError> {
         if outbox.closing.is_some() {
             return Err(PushError::Closed);
         }
@@ -169,7 +207,7 @@ impl Conn {
             self.signal_close();
             return Err(PushError::SlowConsumer);
         }
-        outbox.frames.push_back(out.into());
+        outbox.frames.push_back(out);
         let first = outbox.frames.len() == 1;
         drop(outbox);
         if first {
@@ -178,6 +216,103 @@ impl Conn {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// Starts the connection's inbox position at `delivered`; with
+    /// `syncing`, live pushes wait for a sync that the caller runs.
+    pub fn start_at(&self, delivered: u64, syncing: bool) {
+        let mut outbox = self.lock();
+        outbox.delivered = delivered;
+        outbox.syncing = syncing;
+        outbox.missed = false;
+    }
+
+    /// Highest inbox seq handed to this connection.
+    pub fn delivered(&self) -> u64 {
+        self.lock().delivered
+    }
+
+    /// Pushes inbox entry `seq` live, keeping the connection's inbox stream
+    /// gap-free and duplicate-free (see [`LivePush`]).
+    pub fn push_entry(&self, seq: u64, shared: &Bytes) -> LivePush {
+        let mut outbox = self.lock();
+        if outbox.closing.is_some() {
+            return LivePush::Closed;
+        }
+        if outbox.syncing {
+            outbox.missed = true;
+            return LivePush::Skipped;
+        }
+        if seq <= outbox.delivered {
+            return LivePush::Skipped;
+        }
+        if seq > outbox.delivered + 1 {
+            outbox.syncing = true;
+            outbox.missed = false;
+            return LivePush::NeedsSync;
+        }
+        outbox.delivered = seq;
+        let entry = Outgoing::Entry {
+            seq,
+            shared: shared.clone(),
+        };
+        match self.push_locked(outbox, entry) {
+            Ok(()) => LivePush::Queued,
+            Err(_) => LivePush::Closed,
+        }
+    }
+
+    /// Queues the frames of one sync page whose entries end at `last_seq`.
+    /// `page_is_last`: storage had nothing after it when read. Returns
+    /// whether the sync is finished (live pushes resume), which is only
+    /// when no live push was skipped meanwhile. `frames` is called under
+    /// the lock with the final has_more flag.
+    pub fn push_sync_page(
+        &self,
+        last_seq: u64,
+        page_is_last: bool,
+        frames: impl FnOnce(bool) -> Vec<Frame>,
+    ) -> Result<bool, PushError> {
+        let mut outbox = self.lock();
+        if outbox.closing.is_some() {
+            return Err(PushError::Closed);
+        }
+        let finished = page_is_last && !outbox.missed;
+        outbox.missed = false;
+        outbox.delivered = outbox.delivered.max(last_seq);
+        if finished {
+            outbox.syncing = false;
+        }
+        let frames = frames(!finished);
+        let count = frames.len();
+        outbox
+            .frames
+            .extend(frames.into_iter().map(Outgoing::Frame));
+        let first = outbox.frames.len() == count;
+        drop(outbox);
+        if first {
+            self.wake.notify_one();
+        }
+        Ok(finished)
+    }
+
+    /// Waits until at most `level` frames are queued (or the connection closes).
+    pub async fn wait_below(&self, level: usize) {
+        loop {
+            let notified = self.space.notified();
+            {
+                let outbox = self.lock();
+                if outbox.frames.len() <= level || outbox.closing.is_some() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The outbox capacity in frames.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Queues a frame only if the outbox has room, without closing the
@@ -254,6 +389,7 @@ impl Conn {
                 if !outbox.frames.is_empty() || outbox.closing.is_some() {
                     // Take the queue and leave an unallocated one behind: an
                     // idle connection keeps no buffer.
+                    self.space.notify_waiters();
                     return Drained {
                         frames: std::mem::take(&mut outbox.frames),
                         closing: outbox.closing,
@@ -277,11 +413,6 @@ impl Conn {
     /// Coarse-clock second of the last inbound frame.
     pub fn last_seen(&self) -> u32 {
         self.last_seen.load(Ordering::Relaxed)
-    }
-
-    /// Highest seq handed to this connection.
-    pub fn delivered_seq(&self) -> &AtomicU64 {
-        &self.delivered_seq
     }
 }
 

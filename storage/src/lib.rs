@@ -1,1 +1,44 @@
-//! ferry storage on RocksDB (filled in by the durable-messaging work).
+//! ferry storage, on RocksDB.
+//!
+//! - [`keys`]: the key layout of every column family (with a diagram).
+//! - [`model`]: the stored values.
+//! - [`db`]: opening (schema check) and every read: inbox pages, history,
+//!   cursors, dedup records.
+//! - [`commit`]: the group committer, the one writer: one `WriteBatch` and
+//!   one WAL sync per batch, outcomes reported after durability.
+//! - [`groups`]: group membership snapshots and their cache.
+//! - [`retention`]: background removal of expired entries.
+//!
+//! Bodies are stored once per conversation message (`msgs`); inboxes hold
+//! small pointers to them (write diffusion for groups, and the same shape
+//! for 1:1). A 1:1 message writes four small entries: the message, two inbox
+//! pointers (recipient, sender's copy) and the dedup record.
+#![warn(missing_docs)]
+
+pub mod commit;
+pub mod db;
+pub mod groups;
+pub mod keys;
+pub mod model;
+pub mod retention;
+
+pub use commit::{CommitOptions, Committer, Durability, Fanout, GroupChange, Op, Outcome, Target};
+pub use db::{InboxPage, Storage, StorageOptions};
+pub use groups::{Group, Refusal};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// RocksDB failed.
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// A stored value does not decode.
+    #[error("corrupt value: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+    /// The data dir was written by an incompatible schema.
+    #[error("incompatible data dir: {0}")]
+    Schema(String),
+    /// File-system trouble outside RocksDB.
+    #[error("io: {0}")]
+    Io(String),
+}

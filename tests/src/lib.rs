@@ -76,7 +76,7 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
         let tokens = TokenVerifier::new(TEST_SECRET.as_bytes());
-        let router = Arc::new(Router::new("test-node"));
+        let router = ferry_gateway::open_router(&config).expect("open storage");
         let server = Server::new(config, router.clone(), tokens.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
@@ -150,13 +150,13 @@ pub async fn next_error_code(client: &mut Client) -> ErrorCode {
 }
 
 /// Asserts the server closes the connection (EOF or reset) without sending
-/// anything but Pongs.
+/// anything but Pongs and (login) SyncBatches.
 pub async fn expect_closed(client: &mut Client) {
     loop {
         match within(client.recv()).await {
             Ok(None) | Err(ClientError::Codec(_)) => return,
             Ok(Some(proto::Frame {
-                body: Some(Body::Pong(_)),
+                body: Some(Body::Pong(_) | Body::SyncBatch(_)),
             })) => continue,
             Ok(Some(f)) => panic!("expected close, got {}", f.kind_name()),
             Err(e) => panic!("expected close, got {e}"),
@@ -222,6 +222,7 @@ impl ServerProcess {
             .arg("--http-listen=127.0.0.1:0")
             .arg(format!("--data-dir={}", data_dir.display()))
             .arg(format!("--jwt-secret={TEST_SECRET}"))
+            .arg("--max-connections=10000")
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

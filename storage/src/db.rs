@@ -1,0 +1,422 @@
+//! Opening the database and everything that reads it.
+//!
+//! Reads are plain RocksDB point lookups and range scans on an `Arc<DB>`;
+//! they are blocking calls, so async callers run them on blocking threads.
+//! Writes all go through the [`crate::commit`] group committer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use ferry_protocol::proto;
+use prost::Message;
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
+};
+
+use crate::StorageError;
+use crate::groups::Group;
+use crate::keys::{self, ConvKey};
+use crate::model::{DedupValue, InboxValue, StoredMessage, msg_id_time_ms};
+
+/// Column family names.
+pub mod cf {
+    /// Per-user inboxes: (user, seq) → entry.
+    pub const INBOX: &str = "inbox";
+    /// Conversation logs: (conversation, msg id) → message. Bodies live here once.
+    pub const MSGS: &str = "msgs";
+    /// Dedup records: (sender, client msg id) → first ack.
+    pub const DEDUP: &str = "dedup";
+    /// Per-device acked cursors.
+    pub const CURSORS: &str = "cursors";
+    /// Groups and memberships.
+    pub const GROUPS: &str = "groups";
+    /// Schema version, id high-water mark.
+    pub const META: &str = "meta";
+    /// All of them, in creation order.
+    pub const ALL: [&str; 6] = [INBOX, MSGS, DEDUP, CURSORS, GROUPS, META];
+}
+
+/// The on-disk layout this code reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Storage tuning that the configuration decides.
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// Messages older than this are removed in the background.
+    pub retention_days: u32,
+    /// Files RocksDB may keep open (these share the process's fd budget
+    /// with client connections).
+    pub max_open_files: i32,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            retention_days: 30,
+            max_open_files: 512,
+        }
+    }
+}
+
+/// One page of an inbox.
+#[derive(Debug, Clone, Default)]
+pub struct InboxPage {
+    /// Entries, oldest first, with their seq.
+    pub entries: Vec<proto::Deliver>,
+    /// Whether more entries follow the last one.
+    pub has_more: bool,
+    /// The last seq scanned (entries whose message expired are skipped but
+    /// still advance this).
+    pub last_seq: u64,
+}
+
+/// The database.
+pub struct Storage {
+    pub(crate) db: Arc<DB>,
+    pub(crate) groups: RwLock<HashMap<String, Arc<Group>>>,
+    pub(crate) options: StorageOptions,
+}
+
+fn retention_cutoff_ms(retention_days: u32) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(retention_days as u64 * 86_400_000)
+}
+
+impl Storage {
+    /// Opens (or creates) the database in `path`. Refuses a data dir written
+    /// by an incompatible schema.
+    pub fn open(path: &Path, options: StorageOptions) -> Result<Arc<Storage>, StorageError> {
+        std::fs::create_dir_all(path).map_err(|e| StorageError::Io(e.to_string()))?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_open_files(options.max_open_files);
+        db_opts.increase_parallelism(2);
+        db_opts.set_max_background_jobs(2);
+        // One committer writes; pipelining overlaps its WAL and memtable work.
+        db_opts.set_enable_pipelined_write(true);
+        db_opts.set_keep_log_file_num(4);
+
+        let retention = options.retention_days;
+        let cfs = cf::ALL.iter().map(|name| {
+            let mut o = Options::default();
+            let mut table = BlockBasedOptions::default();
+            table.set_bloom_filter(10.0, false);
+            table.set_cache_index_and_filter_blocks(true);
+            o.set_block_based_table_factory(&table);
+            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_write_buffer_size(32 << 20);
+            match *name {
+                cf::MSGS => {
+                    // Expired messages disappear as compaction meets them;
+                    // the key ends with the msg id, whose high bits are time.
+                    o.set_compaction_filter("ferry-msgs-retention", move |_, key, _| {
+                        let old = keys::trailing_u64(key)
+                            .is_some_and(|id| msg_id_time_ms(id) < retention_cutoff_ms(retention));
+                        if old {
+                            rocksdb::CompactionDecision::Remove
+                        } else {
+                            rocksdb::CompactionDecision::Keep
+                        }
+                    });
+                }
+                cf::DEDUP => {
+                    o.set_compaction_filter("ferry-dedup-retention", move |_, _, value| {
+                        let old = DedupValue::decode(value)
+                            .is_ok_and(|v| v.server_time_ms < retention_cutoff_ms(retention));
+                        if old {
+                            rocksdb::CompactionDecision::Remove
+                        } else {
+                            rocksdb::CompactionDecision::Keep
+                        }
+                    });
+                }
+                _ => {}
+            }
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
+        let storage = Storage {
+            db: Arc::new(db),
+            groups: RwLock::new(HashMap::new()),
+            options,
+        };
+        storage.check_schema()?;
+        Ok(Arc::new(storage))
+    }
+
+    fn check_schema(&self) -> Result<(), StorageError> {
+        let meta = self.cf(cf::META);
+        match self.db.get_cf(meta, keys::META_SCHEMA_VERSION)? {
+            None => {
+                // A new database: anything in it other than meta means a
+                // foreign or damaged data dir.
+                let has_data = cf::ALL.iter().filter(|n| **n != cf::META).any(|n| {
+                    self.db
+                        .iterator_cf(self.cf(n), IteratorMode::Start)
+                        .next()
+                        .is_some()
+                });
+                if has_data {
+                    return Err(StorageError::Schema(
+                        "data dir has ferry column families but no schema version".into(),
+                    ));
+                }
+                let mut wo = rocksdb::WriteOptions::default();
+                // Written once at creation; sync so it is never half there.
+                wo.set_sync(true);
+                let mut batch = rocksdb::WriteBatch::default();
+                batch.put_cf(
+                    meta,
+                    keys::META_SCHEMA_VERSION,
+                    SCHEMA_VERSION.to_be_bytes(),
+                );
+                self.db.write_opt(batch, &wo)?;
+                Ok(())
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_slice())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StorageError::Schema("unreadable schema version".into()))?;
+                if found != SCHEMA_VERSION {
+                    return Err(StorageError::Schema(format!(
+                        "data dir has schema version {found}, this ferry reads version \
+                         {SCHEMA_VERSION}; use a matching ferry release or a new data dir"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is created at open")
+    }
+
+    /// The retention period in days.
+    pub fn retention_days(&self) -> u32 {
+        self.options.retention_days
+    }
+
+    /// Highest seq in `user`'s inbox (0 when empty).
+    pub fn max_seq(&self, user: &str) -> Result<u64, StorageError> {
+        let prefix = keys::inbox_prefix(user);
+        let mut it = self.db.raw_iterator_cf(self.cf(cf::INBOX));
+        it.seek_for_prev(keys::inbox_key(user, u64::MAX));
+        it.status()?;
+        Ok(match it.key() {
+            Some(k) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
+                keys::trailing_u64(k).unwrap_or(0)
+            }
+            _ => 0,
+        })
+    }
+
+    /// Up to `limit` inbox entries of `user` with seq > `after`, oldest first.
+    pub fn read_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, StorageError> {
+        let prefix = keys::inbox_prefix(user);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::inbox_key(user, u64::MAX));
+        let start = keys::inbox_key(user, after.saturating_add(1));
+        let it = self.db.iterator_cf_opt(
+            self.cf(cf::INBOX),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut raw = Vec::with_capacity(limit.min(1024));
+        let mut has_more = false;
+        for item in it {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if raw.len() == limit {
+                has_more = true;
+                break;
+            }
+            let seq = keys::trailing_u64(&k).unwrap_or(0);
+            raw.push((seq, InboxValue::decode(&*v)?));
+        }
+        let last_seq = raw.last().map_or(after, |(s, _)| *s);
+        let entries = self.resolve(user, raw)?;
+        Ok(InboxPage {
+            entries,
+            has_more,
+            last_seq,
+        })
+    }
+
+    /// Turns inbox values into entries, fetching pointed-to messages in one
+    /// multi-get. Pointers whose message expired are skipped.
+    fn resolve(
+        &self,
+        user: &str,
+        raw: Vec<(u64, InboxValue)>,
+    ) -> Result<Vec<proto::Deliver>, StorageError> {
+        let msgs = self.cf(cf::MSGS);
+        let pointer_keys: Vec<Vec<u8>> = raw
+            .iter()
+            .filter(|(_, v)| v.inline.is_none())
+            .map(|(_, v)| keys::msg_key(&v.conv, v.msg_id))
+            .collect();
+        let mut fetched = self
+            .db
+            .batched_multi_get_cf(msgs, pointer_keys.iter(), false)
+            .into_iter();
+        let mut out = Vec::with_capacity(raw.len());
+        for (seq, value) in raw {
+            if let Some(mut entry) = value.inline {
+                entry.seq = seq;
+                out.push(entry);
+                continue;
+            }
+            let Some(found) = fetched.next() else { break };
+            let Some(bytes) = found? else { continue };
+            let Some(conv) = ConvKey::decode(&value.conv) else {
+                continue;
+            };
+            let msg = StoredMessage::decode(&*bytes)?;
+            out.push(message_entry(user, seq, value.msg_id, &conv, msg));
+        }
+        Ok(out)
+    }
+
+    /// One stored message of a conversation.
+    pub fn message(
+        &self,
+        conv: &ConvKey,
+        msg_id: u64,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        let key = keys::msg_key(&conv.encode(), msg_id);
+        match self.db.get_pinned_cf(self.cf(cf::MSGS), key)? {
+            Some(bytes) => Ok(Some(StoredMessage::decode(&*bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` messages of `conv` with msg id < `before` (0: newest),
+    /// newest first, as `viewer` sees them (seq 0). Also whether older exist.
+    pub fn history(
+        &self,
+        viewer: &str,
+        conv: &ConvKey,
+        before: u64,
+        limit: usize,
+    ) -> Result<(Vec<proto::Deliver>, bool), StorageError> {
+        let prefix = conv.encode();
+        let before = if before == 0 { u64::MAX } else { before };
+        let mut it = self.db.raw_iterator_cf(self.cf(cf::MSGS));
+        it.seek_for_prev(keys::msg_key(&prefix, before.saturating_sub(1)));
+        let mut out = Vec::new();
+        let mut has_more = false;
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 8 {
+                break;
+            }
+            if out.len() == limit {
+                has_more = true;
+                break;
+            }
+            let msg_id = keys::trailing_u64(k).unwrap_or(0);
+            let msg = StoredMessage::decode(v)?;
+            out.push(message_entry(viewer, 0, msg_id, conv, msg));
+            it.prev();
+        }
+        it.status()?;
+        Ok((out, has_more))
+    }
+
+    /// The acked cursor of one device (0 if never acked).
+    pub fn cursor(&self, user: &str, device: &str) -> Result<u64, StorageError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(cf::CURSORS), keys::cursor_key(user, device))?
+            .and_then(|v| <[u8; 8]>::try_from(&*v).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// The dedup record of (sender, client msg id), if any.
+    pub fn dedup(
+        &self,
+        sender: &str,
+        client_msg_id: u64,
+    ) -> Result<Option<DedupValue>, StorageError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(cf::DEDUP), keys::dedup_key(sender, client_msg_id))?
+        {
+            Some(v) => Ok(Some(DedupValue::decode(&*v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Flushes memtables (used at shutdown so the next start replays less WAL).
+    pub fn flush(&self) -> Result<(), StorageError> {
+        for name in cf::ALL {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
+
+    /// Compacts every column family now (retention tests, ops).
+    pub fn compact_all(&self) {
+        for name in cf::ALL {
+            self.db
+                .compact_range_cf(self.cf(name), None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+}
+
+/// Builds the entry `viewer` sees for a stored message.
+pub fn message_entry(
+    viewer: &str,
+    seq: u64,
+    msg_id: u64,
+    conv: &ConvKey,
+    msg: StoredMessage,
+) -> proto::Deliver {
+    let (kind, id) = match conv {
+        ConvKey::Direct(..) => (proto::ConversationKind::Direct, conv.peer_of(viewer)),
+        ConvKey::Group(g) => (proto::ConversationKind::Group, g.as_str()),
+    };
+    let own = msg.from == viewer;
+    proto::Deliver {
+        seq,
+        msg_id,
+        from: msg.from,
+        conversation: Some(proto::Conversation {
+            kind: kind as i32,
+            id: id.to_owned(),
+        }),
+        content_type: if msg.recalled {
+            String::new()
+        } else {
+            msg.content_type
+        },
+        body: if msg.recalled {
+            bytes::Bytes::new()
+        } else {
+            msg.body
+        },
+        server_time_ms: msg.server_time_ms,
+        kind: if msg.recalled {
+            proto::EntryKind::Recall as i32
+        } else {
+            msg.kind
+        },
+        ref_msg_id: if msg.recalled { msg_id } else { 0 },
+        client_msg_id: if own { msg.client_msg_id } else { 0 },
+        group_event: msg.group_event,
+    }
+}

@@ -1,0 +1,241 @@
+//! Key encodings of every column family. All integers are big-endian so
+//! that RocksDB's bytewise order is numeric order; strings are prefixed with
+//! their length (one byte, ids are at most 255 bytes) so that one id is never
+//! a prefix of another id's keys.
+//!
+//! ```text
+//! inbox     [len u8][user][seq u64]                      → InboxValue
+//! msgs      [conv key][msg_id u64]                       → StoredMessage
+//!   conv key: [0x01][len][user a][len][user b]  (direct, a < b)
+//!             [0x02][len][group]                (group)
+//! dedup     [len][sender][client_msg_id u64]             → DedupValue
+//! cursors   [len][user][len][device]                     → acked seq u64
+//! groups    [0x01][len][group]                           → GroupMeta
+//!           [0x02][len][group][len][member]              → role u8
+//! meta      b"schema_version"                            → u32
+//!           b"msg_id_high_water"                         → u64
+//! ```
+
+/// Longest id (user, device, group) a key can hold.
+pub const MAX_ID_LEN: usize = 255;
+
+fn put_id(out: &mut Vec<u8>, id: &str) {
+    debug_assert!(id.len() <= MAX_ID_LEN);
+    out.push(id.len() as u8);
+    out.extend_from_slice(id.as_bytes());
+}
+
+/// Reads a length-prefixed id at the start of `key`; returns it and the rest.
+pub fn take_id(key: &[u8]) -> Option<(&str, &[u8])> {
+    let (&len, rest) = key.split_first()?;
+    let len = len as usize;
+    if rest.len() < len {
+        return None;
+    }
+    let id = std::str::from_utf8(&rest[..len]).ok()?;
+    Some((id, &rest[len..]))
+}
+
+/// Reads a trailing big-endian u64.
+pub fn trailing_u64(key: &[u8]) -> Option<u64> {
+    let tail = key.len().checked_sub(8).map(|start| &key[start..])?;
+    Some(u64::from_be_bytes(tail.try_into().ok()?))
+}
+
+/// `[len][user]`: the prefix of all of a user's inbox keys.
+pub fn inbox_prefix(user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + user.len() + 8);
+    put_id(&mut k, user);
+    k
+}
+
+/// `[len][user][seq]`.
+pub fn inbox_key(user: &str, seq: u64) -> Vec<u8> {
+    let mut k = inbox_prefix(user);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Which conversation a message belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ConvKey {
+    /// One-to-one between two users (stored in sorted order).
+    Direct(String, String),
+    /// A group.
+    Group(String),
+}
+
+impl ConvKey {
+    /// The direct conversation of `a` and `b`, in either order.
+    pub fn direct(a: &str, b: &str) -> ConvKey {
+        if a <= b {
+            ConvKey::Direct(a.to_owned(), b.to_owned())
+        } else {
+            ConvKey::Direct(b.to_owned(), a.to_owned())
+        }
+    }
+
+    /// Encoded conversation key (the prefix of its `msgs` keys).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(48);
+        match self {
+            ConvKey::Direct(a, b) => {
+                k.push(0x01);
+                put_id(&mut k, a);
+                put_id(&mut k, b);
+            }
+            ConvKey::Group(g) => {
+                k.push(0x02);
+                put_id(&mut k, g);
+            }
+        }
+        k
+    }
+
+    /// Decodes an encoded conversation key (without the msg id).
+    pub fn decode(bytes: &[u8]) -> Option<ConvKey> {
+        let (&tag, rest) = bytes.split_first()?;
+        match tag {
+            0x01 => {
+                let (a, rest) = take_id(rest)?;
+                let (b, rest) = take_id(rest)?;
+                rest.is_empty()
+                    .then(|| ConvKey::Direct(a.to_owned(), b.to_owned()))
+            }
+            0x02 => {
+                let (g, rest) = take_id(rest)?;
+                rest.is_empty().then(|| ConvKey::Group(g.to_owned()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The conversation as `viewer` sees it: the other user for direct, the
+    /// group for groups.
+    pub fn peer_of<'a>(&'a self, viewer: &str) -> &'a str {
+        match self {
+            ConvKey::Direct(a, b) => {
+                if a == viewer {
+                    b
+                } else {
+                    a
+                }
+            }
+            ConvKey::Group(g) => g,
+        }
+    }
+}
+
+/// `[conv key][msg_id]`.
+pub fn msg_key(conv: &[u8], msg_id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(conv.len() + 8);
+    k.extend_from_slice(conv);
+    k.extend_from_slice(&msg_id.to_be_bytes());
+    k
+}
+
+/// `[len][sender][client_msg_id]`.
+pub fn dedup_key(sender: &str, client_msg_id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + sender.len() + 8);
+    put_id(&mut k, sender);
+    k.extend_from_slice(&client_msg_id.to_be_bytes());
+    k
+}
+
+/// `[len][user][len][device]`.
+pub fn cursor_key(user: &str, device: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + user.len() + device.len());
+    put_id(&mut k, user);
+    put_id(&mut k, device);
+    k
+}
+
+/// `[0x01][len][group]`.
+pub fn group_meta_key(group: &str) -> Vec<u8> {
+    let mut k = vec![0x01];
+    put_id(&mut k, group);
+    k
+}
+
+/// `[0x02][len][group]`: the prefix of a group's member keys.
+pub fn group_members_prefix(group: &str) -> Vec<u8> {
+    let mut k = vec![0x02];
+    put_id(&mut k, group);
+    k
+}
+
+/// `[0x02][len][group][len][member]`.
+pub fn group_member_key(group: &str, member: &str) -> Vec<u8> {
+    let mut k = group_members_prefix(group);
+    put_id(&mut k, member);
+    k
+}
+
+/// Schema version key in `meta`.
+pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+/// Highest message id ever issued, in `meta`.
+pub const META_MSG_ID_HIGH_WATER: &[u8] = b"msg_id_high_water";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_keys_sort_by_user_then_numeric_seq() {
+        let mut keys = vec![
+            inbox_key("bob", 2),
+            inbox_key("alice", 256),
+            inbox_key("alice", 1),
+            inbox_key("alice", 255),
+            inbox_key("bob", 1),
+        ];
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                inbox_key("bob", 1),
+                inbox_key("bob", 2),
+                inbox_key("alice", 1),
+                inbox_key("alice", 255),
+                inbox_key("alice", 256),
+            ],
+            "length prefix groups users; seq is numeric within one user"
+        );
+    }
+
+    #[test]
+    fn one_user_is_never_a_prefix_of_another() {
+        // "al" + seq bytes must not fall inside "alice"'s range.
+        let al = inbox_prefix("al");
+        let alice = inbox_prefix("alice");
+        assert!(!alice.starts_with(&al));
+        assert!(!inbox_key("alice", 7).starts_with(&al));
+    }
+
+    #[test]
+    fn msg_keys_sort_by_conversation_then_id() {
+        let c = ConvKey::direct("bob", "alice").encode();
+        assert!(msg_key(&c, 1) < msg_key(&c, 2));
+        assert!(msg_key(&c, 255) < msg_key(&c, 256));
+        assert_eq!(ConvKey::decode(&c), Some(ConvKey::direct("alice", "bob")));
+        let g = ConvKey::Group("g1".into()).encode();
+        assert_eq!(ConvKey::decode(&g), Some(ConvKey::Group("g1".into())));
+        assert_eq!(trailing_u64(&msg_key(&g, 99)), Some(99));
+    }
+
+    #[test]
+    fn direct_conversation_is_symmetric() {
+        assert_eq!(ConvKey::direct("a", "b"), ConvKey::direct("b", "a"));
+        let c = ConvKey::direct("a", "b");
+        assert_eq!(c.peer_of("a"), "b");
+        assert_eq!(c.peer_of("b"), "a");
+    }
+
+    #[test]
+    fn group_member_keys_share_the_group_prefix() {
+        let p = group_members_prefix("g");
+        assert!(group_member_key("g", "zed").starts_with(&p));
+        assert!(!group_member_key("gg", "zed").starts_with(&p));
+        assert!(group_meta_key("g") < p, "meta keys sort before member keys");
+    }
+}
