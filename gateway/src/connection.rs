@@ -106,7 +106,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
         .await
     {
         info!(error = %e, "login failed");
-        let frame = Frame::error(ErrorCode::Unavailable, "login failed, retry later");
+        let frame = Frame::closing_error(ErrorCode::Unavailable, "login failed, retry later");
         let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
         return;
     }

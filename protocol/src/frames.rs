@@ -78,6 +78,20 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// An `Error` frame after which the server closes the connection,
+    /// whatever the code (e.g. UNAVAILABLE at login).
+    pub fn closing_error(code: ErrorCode, message: impl Into<String>) -> Frame {
+        proto::Error {
+            code: code as i32,
+            message: message.into(),
+            closing: true,
+            ..Default::default()
+        }
+        .into()
+    }
+}
+
 impl ErrorCode {
     /// Whether the server closes the connection after sending this code.
     /// Codes below 20 end the connection; 20 and above fail one request.

@@ -246,7 +246,10 @@ async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
                     tracing::warn!(error = %e, "sync read failed");
                     conn.close(
                         crate::session::CloseReason::Code(ErrorCode::Internal),
-                        Some(Frame::error(ErrorCode::Internal, "sync failed; reconnect")),
+                        Some(Frame::closing_error(
+                            ErrorCode::Internal,
+                            "sync failed; reconnect",
+                        )),
                     );
                     return;
                 }

@@ -195,6 +195,15 @@ impl Router {
 
     /// Handles one request frame of `conn`.
     pub async fn handle(&self, conn: &Arc<Conn>, body: Body) {
+        // Errors echo the id of the request they answer.
+        let (request_id, client_msg_id) = match &body {
+            Body::Send(s) => (0, s.client_msg_id),
+            Body::Sync(s) => (s.request_id, 0),
+            Body::Recall(r) => (r.request_id, 0),
+            Body::GroupRequest(g) => (g.request_id, 0),
+            Body::History(h) => (h.request_id, 0),
+            _ => (0, 0),
+        };
         let result = match body {
             Body::Send(send) => self.send(conn, send).await,
             Body::DeliverAck(ack) => {
@@ -227,7 +236,6 @@ impl Router {
             )),
         };
         if let Err((code, message)) = result {
-            let (request_id, client_msg_id) = (0, 0);
             let _ = conn.push(error_frame(code, message, request_id, client_msg_id));
         }
     }
@@ -361,9 +369,12 @@ impl Router {
                     .storage
                     .group(&group_id)
                     .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-                let Some(group) = group.filter(|g| g.is_member(&from)) else {
-                    return Err((ErrorCode::NotAMember, format!("not a member of {group_id}")));
+                let Some(group) = group else {
+                    return Err((ErrorCode::NoSuchGroup, format!("no group {group_id}")));
                 };
+                if !group.is_member(&from) {
+                    return Err((ErrorCode::NotAMember, format!("not a member of {group_id}")));
+                }
                 let frame = Frame::from(proto::Typing {
                     conversation: typing.conversation,
                     typing: typing.typing,
@@ -484,8 +495,12 @@ impl Router {
                     .storage
                     .group(g)
                     .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-                if !group.is_some_and(|g| g.is_member(user)) {
-                    return Err((ErrorCode::NotAMember, format!("not a member of {g}")));
+                match group {
+                    None => return Err((ErrorCode::NoSuchGroup, format!("no group {g}"))),
+                    Some(group) if !group.is_member(user) => {
+                        return Err((ErrorCode::NotAMember, format!("not a member of {g}")));
+                    }
+                    Some(_) => {}
                 }
                 ferry_storage::keys::ConvKey::Group(g.to_string())
             }

@@ -713,10 +713,17 @@ impl Worker {
         let users: Vec<Arc<str>> = match &to {
             Target::Direct(peer) if *peer != from => vec![peer.clone(), from.clone()],
             Target::Direct(_) => vec![from.clone()],
-            Target::Group(g) => match self.group_in_batch(g, state)? {
-                Some(group) => group.members.clone(),
-                None => vec![from.clone()],
-            },
+            Target::Group(g) => {
+                let mut users = match self.group_in_batch(g, state)? {
+                    Some(group) => group.members.clone(),
+                    None => Vec::new(),
+                };
+                // A sender who has left still sees their own recall.
+                if !users.contains(&from) {
+                    users.push(from.clone());
+                }
+                users
+            }
         };
         msg.recalled = true;
         msg.body = Bytes::new();

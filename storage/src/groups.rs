@@ -47,8 +47,10 @@ impl Group {
         }
     }
 
+    /// Adds `user` with `role`; an existing member keeps their role.
     pub(crate) fn add(&mut self, user: Arc<str>, role: GroupRole) {
-        if self.roles.insert(user.clone(), role).is_none() {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.roles.entry(user.clone()) {
+            slot.insert(role);
             self.members.push(user);
         }
     }
