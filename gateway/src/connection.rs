@@ -28,7 +28,7 @@ use prost::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tracing::{Instrument, debug, info};
+use tracing::{debug, info};
 
 use crate::auth::MAX_ID_BYTES;
 use crate::metrics as m;
@@ -44,19 +44,12 @@ const LINGER: Duration = Duration::from_millis(500);
 const LINGER_MAX_BYTES: usize = 256 * 1024;
 
 /// Serves one accepted connection until it closes.
+///
+/// Logs carry the connection's fields explicitly rather than through a
+/// span: a span lives as long as the connection and costs several hundred
+/// bytes per idle connection in the subscriber's registry.
 pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
-    let span = tracing::info_span!(
-        "conn",
-        ?peer,
-        user = tracing::field::Empty,
-        device = tracing::field::Empty,
-        id = tracing::field::Empty
-    );
-    serve_inner(shared, stream).instrument(span).await
-}
-
-async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
     let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
     let (mut read, mut write) = stream.into_split();
     let mut buf = BytesMut::new();
@@ -64,12 +57,12 @@ async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
     let auth = match read_auth(&shared, &codec, &mut read, &mut buf).await {
         Ok(auth) => auth,
         Err(AuthFailure::Gone) => {
-            debug!("closed before auth");
+            debug!(?peer, "closed before auth");
             return;
         }
         Err(AuthFailure::Reject(code, message)) => {
             m::rejected(code);
-            info!(?code, %message, "auth rejected");
+            info!(?peer, ?code, %message, "auth rejected");
             let frame = Frame::error(code, message);
             let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
             return;
@@ -82,10 +75,6 @@ async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
         auth.device.as_str().into(),
         shared.config.write_queue_frames as usize,
     );
-    let span = tracing::Span::current();
-    span.record("user", conn.user().as_ref());
-    span.record("device", conn.device().as_ref());
-    span.record("id", conn.id());
     conn.touch(shared.clock.now());
 
     let auth_ok = proto::AuthOk {
@@ -105,13 +94,13 @@ async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
         .login(&conn, auth_ok, auth.last_seq, auth.skip_sync)
         .await
     {
-        info!(error = %e, "login failed");
+        info!(?peer, user = %conn.user(), error = %e, "login failed");
         let frame = Frame::closing_error(ErrorCode::Unavailable, "login failed, retry later");
         let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
         return;
     }
     m::authenticated();
-    info!("connection open");
+    info!(?peer, user = %conn.user(), device = %conn.device(), id = conn.id(), "connection open");
     let timer = shared.heartbeat.register(conn.clone());
     if shared.shutdown.is_cancelled() {
         // Shutdown began while we authenticated; the shutdown sweep may
@@ -142,7 +131,7 @@ async fn serve_inner(shared: Arc<Shared>, stream: TcpStream) {
     shared.heartbeat.unregister(timer, &conn);
     shared.router.logout(&conn);
     m::connection_closed(close_reason);
-    info!(reason = ?close_reason, "connection closed");
+    info!(?peer, user = %conn.user(), device = %conn.device(), id = conn.id(), reason = ?close_reason, "connection closed");
 }
 
 struct AuthRequest {
@@ -359,7 +348,9 @@ async fn dispatch(shared: &Shared, conn: &Arc<Conn>, frame: Frame) {
         | Body::Read(_)
         | Body::Typing(_)
         | Body::GroupRequest(_)
-        | Body::History(_)) => shared.router.handle(conn, body).await,
+        // Boxed: the request futures are large, and inlining them would
+        // grow every idle connection's task by their size.
+        | Body::History(_)) => Box::pin(shared.router.handle(conn, body)).await,
         other => {
             let _ = conn.push(Frame::error(
                 ErrorCode::UnexpectedFrame,
