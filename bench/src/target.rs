@@ -1,0 +1,203 @@
+//! Where the server under test is: a `ferry serve` child started for the
+//! run (`--spawn`), or a running server (`--server`). Also the options every
+//! scenario shares, and the token secret.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::json;
+
+use crate::procfs::{Sampler, Watched};
+use crate::spawn::{FerryServer, default_ferry_bin};
+
+/// Options of every scenario.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Target a running server at HOST:PORT (its client listener).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "spawn")]
+    pub server: Option<String>,
+    /// Start `ferry serve` as a child on a temporary data dir (ports 0, random JWT secret).
+    #[arg(long)]
+    pub spawn: bool,
+    /// The ferry binary for --spawn [default: `ferry` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub ferry_bin: Option<PathBuf>,
+    /// Directory in which --spawn creates the server's temporary data dir [default: system temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Extra flag for the spawned server, repeatable: --server-arg=--durability=wal.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// With --server: data dir holding jwt.secret (as `ferry token` reads it).
+    #[arg(long, value_name = "DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// With --server: the server's JWT secret (instead of --data-dir).
+    #[arg(
+        long,
+        value_name = "S",
+        env = "FERRY_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// With --server: pid of the server process, for its CPU and memory figures.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    #[command(flatten)]
+    pub harness: HarnessArgs,
+}
+
+/// Options of the client side, shared by every scenario including `floor`.
+#[derive(Debug, Clone, Args)]
+pub struct HarnessArgs {
+    /// Write every figure as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Spread client sockets over the source addresses 127.0.0.2..=127.0.0.(1+N) (loopback targets only).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub source_ips: u32,
+    /// New connections per second while connecting.
+    #[arg(long, value_name = "R", default_value_t = 5000.0)]
+    pub ramp: f64,
+    /// Client connections per harness process; more are spread over worker processes.
+    #[arg(long, value_name = "N", default_value_t = 9000)]
+    pub per_process: u32,
+    /// Each connection sends Ping after this many idle seconds.
+    #[arg(long, value_name = "S", default_value_t = 25)]
+    pub ping_secs: u64,
+}
+
+/// Server flags every spawned server gets unless `--server-arg` sets them.
+/// The harness paces every connection far below this frame rate; the
+/// default (200/s) would still be tight for short bursts of DeliverAcks.
+const SPAWN_DEFAULTS: &[(&str, &str)] = &[("--max-frames-per-sec", "1000")];
+
+/// The server under test, the token secret and the sampler watching both.
+pub struct Target {
+    /// Client listener address.
+    pub addr: SocketAddr,
+    /// JWT secret for minting client tokens.
+    pub secret: Vec<u8>,
+    /// The spawned server, if any.
+    pub server: Option<FerryServer>,
+    /// Samples the server and the harness.
+    pub sampler: Sampler,
+    /// Prefix of every user id of this run, so runs never share inboxes.
+    pub run_id: String,
+}
+
+impl Target {
+    /// Spawns or locates the server and starts sampling.
+    pub async fn open(common: &CommonArgs) -> anyhow::Result<Target> {
+        let run_id = format!("b{}", &crate::spawn::random_secret()[..8]);
+        let (addr, secret, server, pid) = if common.spawn {
+            let bin = match &common.ferry_bin {
+                Some(b) => b.clone(),
+                None => default_ferry_bin()?,
+            };
+            let mut args = common.server_args.clone();
+            for (flag, value) in SPAWN_DEFAULTS {
+                if !args.iter().any(|a| a.starts_with(flag)) {
+                    args.push(format!("{flag}={value}"));
+                }
+            }
+            let server = FerryServer::spawn(&bin, common.work_dir.as_deref(), &args).await?;
+            eprintln!(
+                "spawned ferry (pid {}) on {}, data in {}",
+                server.pid,
+                server.client_addr,
+                server.data_dir().display()
+            );
+            let secret = server.secret().as_bytes().to_vec();
+            let (addr, pid) = (server.client_addr, server.pid);
+            (addr, secret, Some(server), Some(pid))
+        } else if let Some(server) = &common.server {
+            let addr = tokio::net::lookup_host(server)
+                .await
+                .with_context(|| format!("resolving {server}"))?
+                .next()
+                .with_context(|| format!("{server} resolves to no address"))?;
+            let (secret, _) = ferry_gateway::auth::load_or_create_secret(
+                common.jwt_secret.as_deref(),
+                &common.data_dir,
+            )
+            .context("loading the JWT secret (give --jwt-secret or --data-dir)")?;
+            (addr, secret, None, common.server_pid)
+        } else {
+            bail!("give --spawn or --server HOST:PORT");
+        };
+        if common.harness.source_ips > 0 {
+            anyhow::ensure!(
+                addr.ip().is_loopback() && addr.is_ipv4(),
+                "--source-ips needs an IPv4 loopback server address, not {addr}"
+            );
+            anyhow::ensure!(
+                common.harness.source_ips <= 250,
+                "--source-ips is at most 250"
+            );
+        }
+        let sampler = Sampler::start(Watched {
+            server: pid,
+            harness: vec![std::process::id()],
+        });
+        Ok(Target {
+            addr,
+            secret,
+            server,
+            sampler,
+            run_id,
+        })
+    }
+
+    /// What was measured, for the JSON output.
+    pub fn describe(&self) -> serde_json::Value {
+        json!({
+            "address": self.addr.to_string(),
+            "spawned": self.server.is_some(),
+            "server_pid": self.server.as_ref().map(|s| s.pid),
+        })
+    }
+
+    /// Fails when a spawned server has died, with the end of its log.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(server) = &mut self.server
+            && let Some(status) = server.exited()
+        {
+            bail!(
+                "the server exited during the run ({status}); its log: {}",
+                server.log_tail(30)
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops a spawned server.
+    pub async fn close(mut self) {
+        if let Some(server) = &mut self.server {
+            server.stop().await;
+        }
+    }
+}
+
+impl Target {
+    /// The [`Fleet`](crate::clients::Fleet) for one worker's slice of `total` users.
+    pub fn fleet(
+        &self,
+        common: &CommonArgs,
+        users: std::ops::Range<u32>,
+        total: u32,
+        workers: usize,
+    ) -> crate::clients::Fleet {
+        crate::clients::Fleet {
+            addr: self.addr,
+            secret: self.secret.clone(),
+            run_id: self.run_id.clone(),
+            users,
+            total_users: total,
+            source_ips: common.harness.source_ips,
+            ramp_per_sec: common.harness.ramp / workers as f64,
+            ping_secs: common.harness.ping_secs,
+        }
+    }
+}
