@@ -105,9 +105,9 @@ impl FrameCodec {
         Ok(Some(src.split_to(len).freeze()))
     }
 
-    /// Appends `frame`, length prefix first, to `dst`.
-    pub fn encode_frame(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let len = frame.encoded_len();
+    /// Checks an outgoing frame's length against the maximum, then reserves
+    /// room for it in `dst` and writes its length prefix.
+    fn start_frame(&self, len: usize, dst: &mut BytesMut) -> Result<(), CodecError> {
         if len > self.max_frame_bytes {
             return Err(CodecError::FrameTooLarge {
                 len,
@@ -116,6 +116,13 @@ impl FrameCodec {
         }
         dst.reserve(LENGTH_PREFIX_BYTES + len);
         dst.put_u32(len as u32);
+        Ok(())
+    }
+
+    /// Appends `frame`, length prefix first, to `dst`.
+    pub fn encode_frame(&self, frame: &Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let len = frame.encoded_len();
+        self.start_frame(len, dst)?;
         frame
             .encode(dst)
             .expect("reserved exactly the encoded length");
@@ -149,14 +156,7 @@ impl FrameCodec {
         };
         let inner = seq_len + shared.len();
         let len = 1 + prost::encoding::encoded_len_varint(inner as u64) + inner;
-        if len > self.max_frame_bytes {
-            return Err(CodecError::FrameTooLarge {
-                len,
-                max: self.max_frame_bytes,
-            });
-        }
-        dst.reserve(LENGTH_PREFIX_BYTES + len);
-        dst.put_u32(len as u32);
+        self.start_frame(len, dst)?;
         dst.put_u8(FRAME_DELIVER_TAG);
         prost::encoding::encode_varint(inner as u64, dst);
         if seq != 0 {
