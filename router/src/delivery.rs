@@ -104,7 +104,15 @@ impl Shared {
             } => {
                 if let Reply::Request { conn, request_id } = &reply {
                     let frame = match &group {
-                        Some(g) => group_reply(*request_id, g),
+                        Some(g) => {
+                            let mut reply = group_reply(*request_id, g);
+                            // A big group's member list does not fit in one
+                            // frame; the change succeeded, so reply without it.
+                            if reply.encoded_len() + 64 > self.max_frame_bytes {
+                                reply.members.clear();
+                            }
+                            reply
+                        }
                         None => proto::GroupReply {
                             request_id: *request_id,
                             group_id,

@@ -28,6 +28,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
 use ferry_protocol::{ErrorCode, Frame};
 use ferry_storage::{CommitOptions, Committer, GroupChange, Op, Storage, StorageError, Target};
+use prost::Message;
 use session::{Conn, Sessions};
 
 pub use delivery::Reply;
@@ -419,7 +420,18 @@ impl Router {
                         format!("not a member of {}", list.group_id),
                     );
                 }
-                let _ = conn.push(Frame::from(delivery::group_reply(request_id, &group)));
+                let reply = delivery::group_reply(request_id, &group);
+                if reply.encoded_len() + 64 > self.config.max_frame_bytes {
+                    return fail(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "{} members do not fit in one frame of {} bytes",
+                            group.members.len(),
+                            self.config.max_frame_bytes
+                        ),
+                    );
+                }
+                let _ = conn.push(Frame::from(reply));
                 return Ok(());
             }
             Some(GroupOp::Create(c)) => GroupChange::Create {
