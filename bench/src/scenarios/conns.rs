@@ -164,6 +164,12 @@ pub async fn worker(job: Job, io: &mut Io) -> anyhow::Result<()> {
 pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     let common = &args.common;
     anyhow::ensure!(args.n >= 1, "--n must be at least 1");
+    if common.harness.ping_secs >= args.hold {
+        eprintln!(
+            "conns: note: --ping-secs {} ≥ --hold {}: no heartbeat will be sent while holding",
+            common.harness.ping_secs, args.hold
+        );
+    }
     let mut target = Target::open(common).await?;
     // Let the freshly started server settle before measuring its baseline.
     tokio::time::sleep(Duration::from_secs(1)).await;
