@@ -125,6 +125,11 @@ impl Storage {
                     });
                 }
                 cf::DEDUP => {
+                    // Every send looks its key up and almost never finds it:
+                    // a memtable bloom filter answers most of those misses
+                    // without searching the skiplist.
+                    o.set_memtable_prefix_bloom_ratio(0.05);
+                    o.set_memtable_whole_key_filtering(true);
                     o.set_compaction_filter("ferry-dedup-retention", move |_, _, value| {
                         let old = DedupValue::decode(value)
                             .is_ok_and(|v| v.server_time_ms < retention_cutoff_ms(retention));
