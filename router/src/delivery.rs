@@ -1,10 +1,11 @@
 //! After a batch is durable: acks and replies to requesters, and the
 //! fan-out of inbox entries to every online connection of every target.
 //!
-//! This runs on the committer thread, right after the write, so entries
-//! reach outboxes in commit order, which is seq order for every user. It
-//! never blocks: a push is a short lock and a `VecDeque::push_back`, and an
-//! entry is encoded once per fan-out, however many recipients it has.
+//! This runs on the committer's delivery thread, one durable batch after
+//! another, so entries reach outboxes in commit order, which is seq order
+//! for every user. It never blocks: a push is a short lock and a
+//! `VecDeque::push_back`, and an entry is encoded once per fan-out, however
+//! many recipients it has.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -44,6 +45,8 @@ pub enum Reply {
 
 pub(crate) struct Shared {
     pub sessions: Sessions,
+    /// `ferry_deliveries_total`, resolved once.
+    pub deliveries: metrics::Counter,
     pub storage: Arc<Storage>,
     pub max_frame_bytes: usize,
     pub runtime: tokio::runtime::Handle,
@@ -58,6 +61,7 @@ impl Shared {
     ) -> Self {
         Shared {
             sessions: Sessions::new(),
+            deliveries: metrics::counter!("ferry_deliveries_total"),
             storage,
             max_frame_bytes,
             runtime,
@@ -146,7 +150,7 @@ impl Shared {
     /// every target.
     fn deliver(self: &Arc<Self>, fanout: &Fanout) {
         let shared = Bytes::from(fanout.entry.encode_to_vec());
-        metrics::counter!("ferry_deliveries_total").increment(fanout.targets.len() as u64);
+        self.deliveries.increment(fanout.targets.len() as u64);
         for (user, seq) in &fanout.targets {
             self.sessions.for_each_connection(user, |conn| {
                 if conn.push_entry(*seq, &shared) == LivePush::NeedsSync {

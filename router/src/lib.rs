@@ -547,14 +547,18 @@ impl Router {
     }
 
     /// Waits until everything submitted so far is committed and delivered
-    /// to outboxes, then flushes storage.
+    /// to outboxes, then flushes and closes storage (see [`Storage::close`]):
+    /// the process is about to exit.
     pub async fn shutdown(&self) {
         self.shared
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.committer.barrier().await;
         let storage = self.shared.storage.clone();
-        let _ = tokio::task::spawn_blocking(move || storage.flush()).await;
+        let _ = tokio::task::spawn_blocking(move || storage.close()).await;
+        // After this no thread of ours writes; the database itself closes
+        // when the last handle to it goes, with the runtime's tasks.
+        let _ = self.committer.stop().await;
     }
 }
 

@@ -419,7 +419,10 @@ impl Conn {
 const SHARDS: usize = 64;
 
 type DeviceMap = Vec<Arc<Conn>>;
-type Shard = Mutex<HashMap<Arc<str>, DeviceMap>>;
+/// Seeded per process (user ids come from tokens), and much cheaper than
+/// SipHash on the fan-out path, which looks up every recipient.
+type Hasher = foldhash::fast::RandomState;
+type Shard = Mutex<HashMap<Arc<str>, DeviceMap, Hasher>>;
 
 /// The online-session registry: user id → that user's connections (one per device).
 ///
@@ -427,7 +430,7 @@ type Shard = Mutex<HashMap<Arc<str>, DeviceMap>>;
 /// once rarely contend; each shard's lock is held for a map operation only.
 pub struct Sessions {
     shards: Box<[Shard]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: Hasher,
     next_id: AtomicU64,
     online: AtomicU64,
     /// Unregisters that found another connection in the slot (the reconnect
@@ -445,7 +448,9 @@ impl Sessions {
     /// An empty registry.
     pub fn new() -> Sessions {
         Sessions {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             hasher: Default::default(),
             next_id: AtomicU64::new(1),
             online: AtomicU64::new(0),
@@ -458,7 +463,7 @@ impl Sessions {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, DeviceMap>> {
+    fn shard(&self, user: &str) -> MutexGuard<'_, HashMap<Arc<str>, DeviceMap, Hasher>> {
         let i = (self.hasher.hash_one(user) as usize) % SHARDS;
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -5,13 +5,18 @@
 //!                                                    │ block for one op, drain what is ready
 //!                                                    │ apply each: dedup, seq, msg id, checks
 //!                                                    │ one WriteBatch, one WAL write (+ fsync)
-//!                                                    └─▶ sink(outcomes)   (acks, deliveries)
+//!                                                    └─▶ bounded hand-off ─▶ delivery thread
+//!                                                                            sink(outcomes): acks, fan-out
 //! ```
 //!
 //! Every write of every connection is coalesced into one `WriteBatch` and one
 //! WAL sync per batch, so the cost of an fsync is shared by everything that
 //! arrived while the previous one ran. Outcomes are handed to the sink only
 //! after the batch is durable: that is what makes a `SendAck` a promise.
+//! The sink runs on a second thread, in commit order, so one batch's fan-out
+//! overlaps the next batch's apply and fsync; the hand-off between the two
+//! holds at most [`DELIVERY_QUEUE_BATCHES`] batches, so a slow fan-out slows
+//! the committer (and, through its queue, the senders) instead of piling up.
 //!
 //! Because one thread applies everything in order, seqs are gap-free and
 //! strictly increasing per user, the dedup check cannot race with itself,
@@ -246,6 +251,18 @@ pub enum Outcome {
 enum Request<T> {
     Op(Op, T),
     Barrier(oneshot::Sender<()>),
+    /// Finish what came before, then end both threads.
+    Stop(oneshot::Sender<()>),
+}
+
+/// Committed batches the delivery thread may hold, waiting or in progress.
+pub const DELIVERY_QUEUE_BATCHES: usize = 2;
+
+/// From the committer thread to the delivery thread, in commit order.
+enum Delivery<T> {
+    Batch(Vec<(T, Outcome)>),
+    Barrier(oneshot::Sender<()>),
+    Stop(oneshot::Sender<()>),
 }
 
 /// Submits ops to the committer thread.
@@ -267,8 +284,9 @@ impl<T> Clone for Committer<T> {
 pub struct CommitterStopped;
 
 impl<T: Send + 'static> Committer<T> {
-    /// Starts the committer thread. `sink` receives each batch's outcomes,
-    /// with their tags, after the batch is durable, on the committer thread.
+    /// Starts the committer thread and its delivery thread. `sink`
+    /// receives each batch's outcomes, with their tags, after the batch is
+    /// durable, on the delivery thread, one batch at a time in commit order.
     pub fn start(
         storage: Arc<Storage>,
         options: CommitOptions,
@@ -286,9 +304,21 @@ impl<T: Send + 'static> Committer<T> {
             next_seq: HashMap::default(),
             last_msg_id,
         };
+        let (deliver_tx, deliver_rx) = std::sync::mpsc::sync_channel(DELIVERY_QUEUE_BATCHES);
+        std::thread::Builder::new()
+            .name("ferry-deliver".into())
+            .spawn(move || deliver(deliver_rx, sink))
+            .map_err(|e| StorageError::Io(e.to_string()))?;
         std::thread::Builder::new()
             .name("ferry-commit".into())
-            .spawn(move || worker.run(rx, sink))
+            .spawn(move || {
+                let stopped = worker.run(rx, deliver_tx);
+                // Storage goes before the stop is confirmed.
+                drop(worker);
+                if let Some(done) = stopped {
+                    let _ = done.send(());
+                }
+            })
             .map_err(|e| StorageError::Io(e.to_string()))?;
         Ok(Committer { tx })
     }
@@ -314,6 +344,23 @@ impl<T: Send + 'static> Committer<T> {
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Request::Barrier(done))
+            .await
+            .map_err(|_| CommitterStopped)?;
+        wait.await.map_err(|_| CommitterStopped)
+    }
+
+    /// Commits and delivers everything submitted before this call, then
+    /// stops the committer and delivery threads and waits until both have
+    /// dropped what they hold (the storage, the sink). Later submits fail
+    /// with [`CommitterStopped`].
+    ///
+    /// The process must not exit while these threads can still touch
+    /// RocksDB: C++ static destructors run at exit, and a database call
+    /// racing them aborts the process.
+    pub async fn stop(&self) -> Result<(), CommitterStopped> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Request::Stop(done))
             .await
             .map_err(|_| CommitterStopped)?;
         wait.await.map_err(|_| CommitterStopped)
@@ -351,9 +398,11 @@ struct BatchState {
 /// the skiplist search was most of the committer's CPU time.
 #[derive(Default)]
 struct SortedWrites {
-    /// (column family, key, value); `None` deletes the key.
-    puts: Vec<(&'static str, Vec<u8>, Option<Vec<u8>>)>,
+    puts: Vec<PendingWrite>,
 }
+
+/// (column family, key, value); a `None` value deletes the key.
+type PendingWrite = (&'static str, Vec<u8>, Option<Vec<u8>>);
 
 impl SortedWrites {
     fn put(&mut self, cf: &'static str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
@@ -402,19 +451,45 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The delivery thread: hands each committed batch to the sink, and
+/// releases barriers once everything before them has been through it.
+fn deliver<T>(
+    batches: std::sync::mpsc::Receiver<Delivery<T>>,
+    mut sink: impl FnMut(Vec<(T, Outcome)>),
+) {
+    let sink_seconds = metrics::histogram!("ferry_commit_sink_seconds");
+    for delivery in batches {
+        match delivery {
+            Delivery::Batch(results) => {
+                let started = std::time::Instant::now();
+                sink(results);
+                sink_seconds.record(started.elapsed());
+            }
+            Delivery::Barrier(done) => {
+                let _ = done.send(());
+            }
+            Delivery::Stop(done) => {
+                drop(sink);
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
 impl Worker {
     fn run<T>(
         &mut self,
         mut rx: mpsc::Receiver<Request<T>>,
-        mut sink: impl FnMut(Vec<(T, Outcome)>),
-    ) {
+        deliveries: std::sync::mpsc::SyncSender<Delivery<T>>,
+    ) -> Option<oneshot::Sender<()>> {
         // Resolved once: the recorder is installed before the committer
         // starts, and a handle records with atomics only.
         let batch_ops = metrics::histogram!("ferry_commit_batch_ops");
         let commit_seconds = metrics::histogram!("ferry_commit_seconds");
         let apply_seconds = metrics::histogram!("ferry_commit_apply_seconds");
-        let sink_seconds = metrics::histogram!("ferry_commit_sink_seconds");
         let mut barriers = Vec::new();
+        let mut stop = None;
         while let Some(first) = rx.blocking_recv() {
             let started = std::time::Instant::now();
             let mut state = BatchState::default();
@@ -427,6 +502,10 @@ impl Worker {
                         results.push((tag, outcome));
                     }
                     Request::Barrier(done) => barriers.push(done),
+                    Request::Stop(done) => {
+                        stop = Some(done);
+                        break;
+                    }
                 }
                 if state.entries >= self.options.max_batch_entries {
                     break;
@@ -434,19 +513,43 @@ impl Worker {
                 next = rx.try_recv().ok();
             }
             if !results.is_empty() {
-                batch_ops.record(results.len() as f64);
+                let ops = results.len();
+                let entries = state.entries;
+                batch_ops.record(ops as f64);
                 let applied = std::time::Instant::now();
                 apply_seconds.record(applied - started);
                 self.commit(state, &mut results);
                 let committed = std::time::Instant::now();
                 commit_seconds.record(committed - applied);
-                sink(results);
-                sink_seconds.record(committed.elapsed());
+                tracing::debug!(
+                    ops,
+                    entries,
+                    apply_us = (applied - started).as_micros() as u64,
+                    write_us = (committed - applied).as_micros() as u64,
+                    "batch committed"
+                );
+                if deliveries.send(Delivery::Batch(results)).is_err() {
+                    return None;
+                }
             }
             for done in barriers.drain(..) {
-                let _ = done.send(());
+                if deliveries.send(Delivery::Barrier(done)).is_err() {
+                    return None;
+                }
+            }
+            if let Some(done) = stop {
+                // The delivery thread answers once it has dropped the sink;
+                // the caller drops this worker (and its storage) next.
+                let (delivered, wait) = oneshot::channel();
+                if deliveries.send(Delivery::Stop(delivered)).is_ok() {
+                    drop(deliveries);
+                    let _ = wait.blocking_recv();
+                }
+                rx.close();
+                return Some(done);
             }
         }
+        None
     }
 
     fn commit<T>(&mut self, mut state: BatchState, results: &mut [(T, Outcome)]) {

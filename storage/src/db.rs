@@ -76,6 +76,8 @@ pub struct Storage {
     pub(crate) db: Arc<DB>,
     pub(crate) groups: RwLock<HashMap<String, Arc<Group>>>,
     pub(crate) options: StorageOptions,
+    /// Set by [`Storage::close`]: background sweeps stop at their next chunk.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
 }
 
 fn retention_cutoff_ms(retention_days: u32) -> u64 {
@@ -149,6 +151,7 @@ impl Storage {
             db: Arc::new(db),
             groups: RwLock::new(HashMap::new()),
             options,
+            closing: std::sync::atomic::AtomicBool::new(false),
         };
         storage.check_schema()?;
         Ok(Arc::new(storage))
@@ -372,6 +375,21 @@ impl Storage {
             self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
+    }
+
+    /// Prepares for process exit: flushes memtables, then stops RocksDB's
+    /// background flushes and compactions and waits for the running ones.
+    ///
+    /// The process exits without dropping the database (the committer
+    /// thread still holds it), and C++ static destructors run at exit: a
+    /// compaction still running then would lock a destroyed mutex and
+    /// abort the process. Writes after this call may stall; make none.
+    pub fn close(&self) -> Result<(), StorageError> {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let flushed = self.flush();
+        self.db.cancel_all_background_work(true);
+        flushed
     }
 
     /// Compacts every column family now (retention tests, ops).
