@@ -370,26 +370,45 @@ async fn write_loop(
     let mut out = BytesMut::new();
     loop {
         let drained = conn.drain().await;
+        let mut unencodable = None;
         for item in drained.frames {
-            match item {
+            let result = match item {
                 Outgoing::Frame(frame) => {
                     m::frame_out(frame.kind_name());
-                    if let Err(e) = codec.encode_frame(&frame, &mut out) {
-                        // Only a bug can get here (we built an oversize frame).
-                        tracing::error!(error = %e, kind = frame.kind_name(), "dropping unencodable frame");
-                    }
+                    codec
+                        .encode_frame(&frame, &mut out)
+                        .map_err(|e| format!("{} frame: {e}", frame.kind_name()))
                 }
                 Outgoing::Encoded(bytes) => {
                     m::frame_out("encoded");
                     out.extend_from_slice(&bytes);
+                    Ok(())
                 }
                 Outgoing::Entry { seq, shared } => {
                     m::frame_out("deliver");
-                    if let Err(e) = codec.encode_entry(seq, &shared, &mut out) {
-                        tracing::error!(error = %e, seq, "dropping unencodable entry");
-                    }
+                    codec
+                        .encode_entry(seq, &shared, &mut out)
+                        .map_err(|e| format!("entry {seq}: {e}"))
                 }
+            };
+            if let Err(e) = result {
+                // Only a bug gets here (the server built an oversize frame).
+                // Skipping it would leave a gap the client cannot see, and
+                // what follows must not go out after a hole: close instead,
+                // so that the client reconnects and syncs.
+                unencodable = Some(e);
+                break;
             }
+        }
+        if let Some(e) = unencodable {
+            tracing::error!(error = %e, "cannot encode an outgoing frame; closing the connection");
+            conn.close(
+                CloseReason::Code(ErrorCode::Internal),
+                Some(Frame::closing_error(
+                    ErrorCode::Internal,
+                    "server fault: a frame could not be encoded; reconnect and sync",
+                )),
+            );
         }
         if !out.is_empty() {
             m::bytes_out(out.len());
