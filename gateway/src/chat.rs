@@ -47,7 +47,7 @@ pub struct ChatArgs {
     )]
     pub token: Option<String>,
     /// Or: mint a token for this user id with the local secret (development).
-    #[arg(long, required_unless_present = "token")]
+    #[arg(long, value_name = "USER", required_unless_present = "token")]
     pub uid: Option<String>,
     /// With --uid: the server's data directory, holding jwt.secret.
     #[arg(long, env = "FERRY_DATA_DIR", default_value = "./data")]
@@ -60,18 +60,20 @@ pub struct ChatArgs {
     #[arg(long)]
     pub device: Option<String>,
     /// Talk to this user.
-    #[arg(long, conflicts_with = "group")]
+    #[arg(long, value_name = "USER", conflicts_with = "group")]
     pub to: Option<String>,
     /// Talk in this group.
-    #[arg(long)]
+    #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
     /// Send this text to --to or --group, wait for the SendAck, and exit.
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     pub send: Option<String>,
-    /// Print entries until N messages from others have arrived, then exit.
-    #[arg(long)]
+    /// Print entries until N messages from others (or system messages)
+    /// have arrived, then exit.
+    #[arg(long, value_name = "N")]
     pub recv: Option<usize>,
-    /// How long --send and --recv wait, in seconds.
+    /// Seconds --send and --recv wait before failing (and /quit waits for
+    /// outstanding acks).
     #[arg(long, default_value_t = 10)]
     pub timeout_secs: u64,
     /// Resume after this inbox seq: the login sync replays entries after it.

@@ -76,7 +76,12 @@ fn chat(args: ferry_gateway::chat::ChatArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(ferry_gateway::chat::run(args));
     // A blocking read of stdin may still be pending: do not wait for it.
     runtime.shutdown_background();
-    Ok(result?)
+    if let Err(e) = result {
+        // A one-line reason for the person or script, never a backtrace.
+        eprintln!("ferry chat: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
@@ -166,22 +171,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let router = ferry_gateway::open_router(&config)?;
         let client_addr = listener.local_addr()?;
         let http_addr = http.local_addr()?;
+        // Before the "listening" line: a script may signal as soon as it
+        // reads it, and a signal that arrives before the handlers exist is lost.
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
         // Tests and scripts read this line to learn the ports (with port 0).
         println!("ferry listening: clients={client_addr} ops=http://{http_addr}");
         info!(%client_addr, %http_addr, data_dir = %config.data_dir.display(), "ferry started");
         let server =
             Server::new(config, router, TokenVerifier::new(&secret)).with_admin_token(&admin_token);
-        server.run(listener, http, shutdown_signal()).await;
+        server.run(listener, http, shutdown).await;
         anyhow::Ok(())
     })?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on
+/// the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    })
 }

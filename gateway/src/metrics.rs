@@ -180,7 +180,7 @@ fn describe_all() {
     describe_histogram!(
         "ferry_send_ack_seconds",
         Unit::Seconds,
-        "From a Send reaching the router to its SendAck being queued"
+        "A Send's latency inside the server, up to its SendAck"
     );
     describe_counter!(
         "ferry_deliveries_total",
