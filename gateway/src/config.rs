@@ -364,6 +364,22 @@ mod tests {
     }
 
     #[test]
+    fn admin_token_is_checked_and_never_printed() {
+        let short = ServeArgs {
+            admin_token: Some("short".into()),
+            ..Default::default()
+        };
+        assert!(matches!(short.resolve(), Err(ConfigError::Invalid(_))));
+        let args = ServeArgs {
+            admin_token: Some("a-long-enough-admin-token".into()),
+            ..Default::default()
+        };
+        let text = args.resolve().unwrap().to_toml();
+        assert!(text.contains("admin_token = \"<redacted>\""), "{text}");
+        assert!(!text.contains("a-long-enough-admin-token"));
+    }
+
+    #[test]
     fn printed_config_parses_back() {
         let text = Config::default().to_toml();
         let back: ServeArgs = toml::from_str(&text).unwrap();
