@@ -3,6 +3,8 @@
 //! The secret comes from the configuration, or from `<data_dir>/jwt.secret`,
 //! which the first start creates (32 random bytes, hex, mode 0600) so that
 //! `ferry serve` and `ferry token` agree on a fresh machine with no setup.
+//! The admin API's bearer token comes from the same kind of file,
+//! `<data_dir>/admin.token`, when it is not configured.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,9 @@ pub const MAX_ID_BYTES: usize = 64;
 
 /// File name of the generated secret inside the data dir.
 pub const SECRET_FILE: &str = "jwt.secret";
+
+/// File name of the generated admin API token inside the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// The claims ferry reads from a client token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +167,48 @@ pub fn load_or_create_secret(
     load_or_create_secret_file(data_dir, SECRET_FILE)
 }
 
+/// The configured admin token, or the one in `data_dir` (created if missing).
+pub fn load_or_create_admin_token(
+    configured: Option<&str>,
+    data_dir: &Path,
+) -> Result<(Vec<u8>, SecretSource), SecretError> {
+    if let Some(token) = configured {
+        return Ok((token.as_bytes().to_vec(), SecretSource::Configured));
+    }
+    load_or_create_secret_file(data_dir, ADMIN_TOKEN_FILE)
+}
+
+/// The configured secret, or the one in `data_dir`; `None` when neither
+/// exists. For clients (`ferry chat --uid`), which must not invent a secret
+/// the server does not know.
+pub fn load_secret(
+    configured: Option<&str>,
+    data_dir: &Path,
+) -> Result<Option<Vec<u8>>, SecretError> {
+    if let Some(secret) = configured {
+        return Ok(Some(secret.as_bytes().to_vec()));
+    }
+    read_secret_file(&data_dir.join(SECRET_FILE))
+}
+
+/// The trimmed contents of a secret file, `None` if it does not exist.
+fn read_secret_file(path: &Path) -> Result<Option<Vec<u8>>, SecretError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let secret = text.trim();
+            if secret.is_empty() {
+                return Err(SecretError::Empty(path.to_path_buf()));
+            }
+            Ok(Some(secret.as_bytes().to_vec()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SecretError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Reads `<dir>/<name>`, or creates it with 32 random bytes in hex, mode 0600.
 /// Shared by the JWT secret and the admin token.
 pub fn load_or_create_secret_file(
@@ -173,23 +220,24 @@ pub fn load_or_create_secret_file(
         path: path.clone(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let secret = text.trim();
-            if secret.is_empty() {
-                return Err(SecretError::Empty(path));
-            }
-            Ok((secret.as_bytes().to_vec(), SecretSource::File(path)))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    match read_secret_file(&path)? {
+        Some(secret) => Ok((secret, SecretSource::File(path))),
+        None => {
             std::fs::create_dir_all(dir).map_err(io)?;
             let mut raw = [0u8; 32];
             rand::fill(&mut raw);
             let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            write_private(&path, hex.as_bytes()).map_err(io)?;
-            Ok((hex.into_bytes(), SecretSource::Created(path)))
+            match write_private(&path, hex.as_bytes()) {
+                Ok(()) => Ok((hex.into_bytes(), SecretSource::Created(path))),
+                // Another process created it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let secret =
+                        read_secret_file(&path)?.ok_or(SecretError::Empty(path.clone()))?;
+                    Ok((secret, SecretSource::File(path)))
+                }
+                Err(e) => Err(io(e)),
+            }
         }
-        Err(e) => Err(io(e)),
     }
 }
 
@@ -253,5 +301,37 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn admin_token_file_is_separate_from_the_jwt_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (jwt, _) = load_or_create_secret(None, dir.path()).unwrap();
+        let (admin, source) = load_or_create_admin_token(None, dir.path()).unwrap();
+        assert!(matches!(source, SecretSource::Created(_)));
+        assert_ne!(jwt, admin);
+        assert_eq!(admin.len(), 64, "32 random bytes in hex");
+        let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, source) = load_or_create_admin_token(None, dir.path()).unwrap();
+        assert_eq!(again, admin);
+        assert!(matches!(source, SecretSource::File(_)));
+        let (configured, source) =
+            load_or_create_admin_token(Some("configured-token-0123"), dir.path()).unwrap();
+        assert_eq!(configured, b"configured-token-0123");
+        assert_eq!(source, SecretSource::Configured);
+    }
+
+    #[test]
+    fn load_secret_never_creates_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_secret(None, dir.path()).unwrap(), None);
+        assert!(!dir.path().join(SECRET_FILE).exists());
+        let (created, _) = load_or_create_secret(None, dir.path()).unwrap();
+        assert_eq!(load_secret(None, dir.path()).unwrap(), Some(created));
     }
 }

@@ -42,6 +42,7 @@ pub struct Config {
     /// Client (TCP, framed Protobuf) listen address.
     pub listen: SocketAddr,
     /// Ops HTTP listen address (/healthz, /readyz, /metrics, admin API).
+    /// Loopback by default: the admin API must not face the network.
     pub http_listen: SocketAddr,
     /// Where RocksDB, the JWT secret and the admin token live.
     pub data_dir: PathBuf,
@@ -61,6 +62,10 @@ pub struct Config {
     /// is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<String>,
+    /// Bearer token of the admin HTTP API. When unset,
+    /// `<data_dir>/admin.token` is used (and created on first start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
     /// Seconds a connection may take to flush its goodbye on shutdown.
     pub shutdown_timeout_secs: u32,
     /// Write durability of acknowledged messages.
@@ -88,6 +93,7 @@ impl Default for Config {
             max_frames_per_sec: 1000,
             write_queue_frames: 1024,
             jwt_secret: None,
+            admin_token: None,
             shutdown_timeout_secs: 10,
             durability: Durability::Fsync,
             retention_days: 30,
@@ -142,6 +148,9 @@ pub struct ServeArgs {
     /// HS256 secret for client tokens [default: <data-dir>/jwt.secret, created on first start].
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Bearer token for the admin HTTP API [default: <data-dir>/admin.token, created on first start].
+    #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Seconds to drain connections on SIGTERM/SIGINT [default: 10].
     #[arg(long, env = "FERRY_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u32>,
@@ -236,6 +245,9 @@ impl ServeArgs {
         if self.jwt_secret.is_some() {
             config.jwt_secret = self.jwt_secret.clone();
         }
+        if self.admin_token.is_some() {
+            config.admin_token = self.admin_token.clone();
+        }
     }
 }
 
@@ -300,14 +312,20 @@ impl Config {
         if let Some(secret) = &self.jwt_secret {
             check(secret.len() >= 16, "jwt_secret must be at least 16 bytes")?;
         }
+        if let Some(token) = &self.admin_token {
+            check(token.len() >= 16, "admin_token must be at least 16 bytes")?;
+        }
         Ok(())
     }
 
-    /// The effective configuration as TOML (the secret is redacted).
+    /// The effective configuration as TOML (secrets are redacted).
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
+        }
+        if shown.admin_token.is_some() {
+            shown.admin_token = Some("<redacted>".into());
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
@@ -343,6 +361,22 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(args.resolve(), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn admin_token_is_checked_and_never_printed() {
+        let short = ServeArgs {
+            admin_token: Some("short".into()),
+            ..Default::default()
+        };
+        assert!(matches!(short.resolve(), Err(ConfigError::Invalid(_))));
+        let args = ServeArgs {
+            admin_token: Some("a-long-enough-admin-token".into()),
+            ..Default::default()
+        };
+        let text = args.resolve().unwrap().to_toml();
+        assert!(text.contains("admin_token = \"<redacted>\""), "{text}");
+        assert!(!text.contains("a-long-enough-admin-token"));
     }
 
     #[test]

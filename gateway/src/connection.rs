@@ -94,6 +94,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         .login(&conn, auth_ok, auth.last_seq, auth.skip_sync)
         .await
     {
+        m::rejected(ErrorCode::Unavailable);
         info!(?peer, user = %conn.user(), error = %e, "login failed");
         let frame = Frame::closing_error(ErrorCode::Unavailable, "login failed, retry later");
         let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
@@ -112,10 +113,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     let read_result = read_loop(&shared, &conn, &codec, &mut read, buf).await;
     let (reason, last_frame) = match read_result {
         Ok(()) => (CloseReason::Disconnected, None),
-        Err((code, message)) => {
-            m::closed_for(code);
-            (CloseReason::Code(code), Some(Frame::error(code, message)))
-        }
+        Err((code, message)) => (CloseReason::Code(code), Some(Frame::error(code, message))),
     };
     conn.close(reason, last_frame);
 
@@ -130,6 +128,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     };
     shared.heartbeat.unregister(timer, &conn);
     shared.router.logout(&conn);
+    shared.last_seen.record(conn.user(), ferry_router::now_ms());
     m::connection_closed(close_reason);
     info!(?peer, user = %conn.user(), device = %conn.device(), id = conn.id(), reason = ?close_reason, "connection closed");
 }

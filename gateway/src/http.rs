@@ -1,24 +1,41 @@
-//! The ops HTTP endpoint: `/healthz` (the process is up) and `/readyz`
-//! (storage open and the node accepting clients).
+//! The ops HTTP endpoint: `/healthz` (the process is up), `/readyz`
+//! (storage open and the node accepting clients), `/metrics` (Prometheus
+//! text format) and the admin API under `/admin` (see [`crate::admin`]).
+//!
+//! One listener for all of it, loopback by default: the admin API must not
+//! be reachable from the client network.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use ferry_router::Router;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-/// Serves ops HTTP on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: CancellationToken) {
+use crate::admin::{self, AdminState, AdminToken};
+use crate::server::Shared;
+
+/// The Prometheus text exposition format, version 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves ops HTTP on `listener` until the server shuts down.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    admin_token: Option<Arc<AdminToken>>,
+) {
+    let shutdown = shared.shutdown.clone();
+    let admin = admin::routes(AdminState {
+        shared: shared.clone(),
+        token: admin_token,
+    });
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState {
-            router,
-            shutdown: shutdown.clone(),
-        });
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+        .nest("/admin", admin);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -27,18 +44,27 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: Cancell
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    router: Arc<Router>,
-    shutdown: CancellationToken,
-}
-
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if state.shutdown.is_cancelled() {
+async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if shared.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if !state.router.is_ready() {
+    } else if !shared.router.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "storage not ready\n")
     } else {
         (StatusCode::OK, "ready\n")
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let online = shared.router.sessions().online();
+    // Rendering reads /proc (one directory entry per open descriptor):
+    // keep it off the reactor threads.
+    match tokio::task::spawn_blocking(move || crate::metrics::render(online)).await {
+        Ok(Some(text)) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response(),
+        Ok(None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed (another recorder owns this process)\n",
+        )
+            .into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n").into_response(),
     }
 }

@@ -8,14 +8,21 @@
 //! - [`auth`]: JWT verification and the secret's source.
 //! - [`config`]: defaults < TOML file < environment < flags.
 //! - [`rlimit`]: the open-file limit.
-//! - `http`: the ops HTTP port.
+//! - `http`: the ops HTTP port: health, readiness, `/metrics`, and the
+//!   [`admin`] API.
+//! - [`metrics`]: the Prometheus recorder and the gateway's counters.
+//! - [`presence`]: when offline users were last connected.
+//! - [`chat`]: `ferry chat`, the terminal client.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
+pub mod chat;
 pub mod config;
 mod connection;
 mod http;
 pub mod metrics;
+pub mod presence;
 pub mod rlimit;
 pub mod server;
 pub mod wheel;
@@ -46,6 +53,8 @@ pub enum StartError {
 /// Opens storage for `config`, starts its retention sweeper and its group
 /// committer, and returns the router over it. Call inside a tokio runtime.
 pub fn open_router(config: &config::Config) -> Result<Arc<ferry_router::Router>, StartError> {
+    // Before anything records: handles resolved earlier would stay no-ops.
+    metrics::install();
     let path = config.db_path();
     let storage = ferry_storage::Storage::open(&path, config.storage_options())
         .map_err(|source| StartError::Storage { path, source })?;

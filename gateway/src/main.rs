@@ -2,10 +2,13 @@
 //!
 //! - `ferry serve`: run a node (see `ferry serve --help` for every setting).
 //! - `ferry token --uid U`: mint a client token with the node's secret.
+//! - `ferry chat`: a terminal client (see `ferry chat --help`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry_gateway::auth::{SecretSource, TokenVerifier, load_or_create_secret};
+use ferry_gateway::auth::{
+    SecretSource, TokenVerifier, load_or_create_admin_token, load_or_create_secret,
+};
 use ferry_gateway::config::{LogFormat, ServeArgs};
 use ferry_gateway::{Server, rlimit, server};
 use tracing::{info, warn};
@@ -30,6 +33,11 @@ enum Command {
     Serve(ServeArgs),
     /// Mint a client token (JWT, HS256) with this node's secret.
     Token(TokenArgs),
+    /// Chat in the terminal: send to a user or group, see deliveries and acks.
+    ///
+    /// Interactive by default (type /help). For scripts: --send TEXT (with
+    /// --to or --group) waits for the ack; --recv N prints N messages.
+    Chat(ferry_gateway::chat::ChatArgs),
 }
 
 #[derive(clap::Args)]
@@ -56,7 +64,24 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Token(args) => token(args),
+        Command::Chat(args) => chat(args),
     }
+}
+
+fn chat(args: ferry_gateway::chat::ChatArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = runtime.block_on(ferry_gateway::chat::run(args));
+    // A blocking read of stdin may still be pending: do not wait for it.
+    runtime.shutdown_background();
+    if let Err(e) = result {
+        // A one-line reason for the person or script, never a backtrace.
+        eprintln!("ferry chat: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
@@ -120,6 +145,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
              mint dev tokens with `ferry token --uid <user>`"
         ),
     }
+    let (admin_token, source) =
+        load_or_create_admin_token(config.admin_token.as_deref(), &config.data_dir)
+            .context("loading the admin token")?;
+    match &source {
+        SecretSource::Configured => info!("admin token: from configuration"),
+        SecretSource::File(path) => info!(path = %path.display(), "admin token: from file"),
+        SecretSource::Created(path) => info!(
+            path = %path.display(),
+            "admin token: none configured, created a random one (mode 0600)"
+        ),
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -135,21 +171,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let router = ferry_gateway::open_router(&config)?;
         let client_addr = listener.local_addr()?;
         let http_addr = http.local_addr()?;
+        // Before the "listening" line: a script may signal as soon as it
+        // reads it, and a signal that arrives before the handlers exist is lost.
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
         // Tests and scripts read this line to learn the ports (with port 0).
         println!("ferry listening: clients={client_addr} ops=http://{http_addr}");
         info!(%client_addr, %http_addr, data_dir = %config.data_dir.display(), "ferry started");
-        let server = Server::new(config, router, TokenVerifier::new(&secret));
-        server.run(listener, http, shutdown_signal()).await;
+        let server =
+            Server::new(config, router, TokenVerifier::new(&secret)).with_admin_token(&admin_token);
+        server.run(listener, http, shutdown).await;
         anyhow::Ok(())
     })?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on
+/// the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    })
 }

@@ -21,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::admin::AdminToken;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::presence::LastSeen;
 use crate::wheel::{TimerKey, TimerWheel};
 use crate::{connection, http, metrics as m};
 
@@ -44,6 +46,8 @@ pub fn bind_client_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpLi
 /// task: reading it on every frame is one atomic load, no syscall.
 pub struct CoarseClock {
     start: Instant,
+    /// Wall clock at `start`, to turn clock seconds into dates.
+    start_unix_ms: u64,
     secs: AtomicU32,
 }
 
@@ -51,8 +55,19 @@ impl CoarseClock {
     fn new() -> Self {
         CoarseClock {
             start: Instant::now(),
+            start_unix_ms: ferry_router::now_ms(),
             secs: AtomicU32::new(0),
         }
+    }
+
+    /// Milliseconds since the Unix epoch at clock second `secs`.
+    pub fn unix_ms_at(&self, secs: u32) -> u64 {
+        self.start_unix_ms + secs as u64 * 1000
+    }
+
+    /// Time since the server was created.
+    pub fn uptime(&self) -> Duration {
+        self.start.elapsed()
     }
 
     /// Seconds since start, as of the last tick.
@@ -127,7 +142,7 @@ impl Heartbeat {
             conn.close(CloseReason::HeartbeatTimeout, None);
         }
         if !expired.is_empty() {
-            metrics::counter!("ferry_heartbeat_timeouts_total").increment(expired.len() as u64);
+            m::heartbeat_timeouts(expired.len());
         }
         expired.len()
     }
@@ -141,19 +156,38 @@ pub(crate) struct Shared {
     pub clock: CoarseClock,
     pub heartbeat: Heartbeat,
     pub shutdown: CancellationToken,
+    /// One permit per connection slot (`max_connections`).
+    pub permits: Arc<Semaphore>,
+    /// When users' connections last ended (admin presence).
+    pub last_seen: LastSeen,
+}
+
+impl Shared {
+    /// Connections held now, authenticated or not.
+    pub fn connections_open(&self) -> usize {
+        (self.config.max_connections as usize).saturating_sub(self.permits.available_permits())
+    }
 }
 
 /// A running ferry node.
 pub struct Server {
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    admin_token: Option<Arc<AdminToken>>,
 }
 
 impl Server {
-    /// A server over `router`, verifying tokens with `tokens`.
+    /// A server over `router`, verifying tokens with `tokens`. The admin API
+    /// accepts `config.admin_token` if set (see [`Server::with_admin_token`]);
+    /// with no token at all it refuses every call.
     pub fn new(config: Config, router: Arc<Router>, tokens: TokenVerifier) -> Server {
         m::init();
         let heartbeat = Heartbeat::new(config.heartbeat_secs);
+        let admin_token = config
+            .admin_token
+            .as_ref()
+            .map(|t| Arc::new(AdminToken::new(t.as_bytes())));
+        let permits = Arc::new(Semaphore::new(config.max_connections as usize));
         Server {
             shared: Arc::new(Shared {
                 config,
@@ -162,9 +196,19 @@ impl Server {
                 clock: CoarseClock::new(),
                 heartbeat,
                 shutdown: CancellationToken::new(),
+                permits,
+                last_seen: LastSeen::default(),
             }),
             tracker: TaskTracker::new(),
+            admin_token,
         }
+    }
+
+    /// Uses `token` as the admin API's bearer token (the binary passes the
+    /// one from the data dir when none is configured).
+    pub fn with_admin_token(mut self, token: &[u8]) -> Server {
+        self.admin_token = Some(Arc::new(AdminToken::new(token)));
+        self
     }
 
     /// The router (for the ops API and tests).
@@ -183,16 +227,22 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let shared = self.shared.clone();
-        let permits = Arc::new(Semaphore::new(shared.config.max_connections as usize));
+        let permits = shared.permits.clone();
         // Refusals get their own small budget so a flood cannot pile up tasks.
         let refusals = Arc::new(Semaphore::new(256));
 
         let heartbeat_task = tokio::spawn(heartbeat_loop(shared.clone()));
-        let http_task = tokio::spawn(http::serve(
-            http,
-            shared.router.clone(),
-            shared.shutdown.clone(),
-        ));
+        if let Ok(addr) = http.local_addr()
+            && !addr.ip().is_loopback()
+        {
+            warn!(
+                %addr,
+                "the ops port (admin API, metrics) listens beyond loopback: \
+                 firewall it to your backends and monitoring"
+            );
+        }
+        let http_task = tokio::spawn(http::serve(http, shared.clone(), self.admin_token.clone()));
+        let upkeep_task = tokio::spawn(m::upkeep_loop());
 
         tokio::select! {
             _ = accept_loop(&shared, &self.tracker, &listener, permits, refusals) => {}
@@ -216,6 +266,7 @@ impl Server {
             );
         }
         heartbeat_task.abort();
+        upkeep_task.abort();
         let _ = http_task.await;
         shared.router.shutdown().await;
         info!("shutdown complete");

@@ -23,6 +23,9 @@ use tokio::task::JoinHandle;
 /// The secret every test server uses.
 pub const TEST_SECRET: &str = "test-secret-0123456789abcdef";
 
+/// The admin API token every test server uses.
+pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// How long a test waits for an expected frame before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -49,6 +52,7 @@ pub fn test_config(dir: &std::path::Path) -> Config {
         http_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
         jwt_secret: Some(TEST_SECRET.into()),
+        admin_token: Some(TEST_ADMIN_TOKEN.into()),
         ..Config::default()
     }
 }
@@ -222,6 +226,7 @@ impl ServerProcess {
             .arg("--http-listen=127.0.0.1:0")
             .arg(format!("--data-dir={}", data_dir.display()))
             .arg(format!("--jwt-secret={TEST_SECRET}"))
+            .arg(format!("--admin-token={TEST_ADMIN_TOKEN}"))
             .arg("--max-connections=10000")
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -258,4 +263,113 @@ impl ServerProcess {
             libc::kill(pid, signal);
         }
     }
+}
+
+/// An HTTP response, read whole.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header (lower-case name, value) pairs.
+    pub headers: Vec<(String, String)>,
+    /// The body as text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body parsed as JSON (fails the test if it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection (`Connection: close`),
+/// with the raw `headers` given, read to the end. Deliberately minimal: the
+/// ops server's answers have a Content-Length or are chunked.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = within(tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect to the ops port");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    within(stream.read_to_end(&mut raw)).await.expect("read");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, rest) = text.split_once("\r\n\r\n").expect("header end");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = rest;
+        loop {
+            let (size, after) = rest.split_once("\r\n").expect("chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).expect("chunk size hex");
+            if size == 0 {
+                break;
+            }
+            out.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+        out
+    } else {
+        rest.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// An admin API call with the test admin token; `body` is sent as JSON.
+pub async fn admin(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+    let auth = format!("Bearer {TEST_ADMIN_TOKEN}");
+    http(
+        addr,
+        method,
+        path,
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        body,
+    )
+    .await
 }
