@@ -27,8 +27,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Buckets (seconds) of the latency histograms `ferry_commit_seconds` and
-/// `ferry_send_ack_seconds`: from half a millisecond (a WAL write without
+/// Buckets (seconds) of the latency histograms (`ferry_commit_seconds`,
+/// `ferry_commit_apply_seconds`, `ferry_commit_sink_seconds`,
+/// `ferry_send_ack_seconds`): from half a millisecond (a WAL write without
 /// fsync) to 5 s (a disk in trouble).
 pub const LATENCY_BUCKETS: [f64; 13] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -56,16 +57,16 @@ static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 pub fn install() -> Option<&'static PrometheusHandle> {
     RECORDER
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("ferry_commit_seconds".into()),
-                    &LATENCY_BUCKETS,
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("ferry_send_ack_seconds".into()),
-                        &LATENCY_BUCKETS,
-                    )
+            let latency = [
+                "ferry_commit_seconds",
+                "ferry_commit_apply_seconds",
+                "ferry_commit_sink_seconds",
+                "ferry_send_ack_seconds",
+            ];
+            let builder = latency
+                .iter()
+                .try_fold(PrometheusBuilder::new(), |b, name| {
+                    b.set_buckets_for_metric(Matcher::Full((*name).into()), &LATENCY_BUCKETS)
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
@@ -172,6 +173,16 @@ fn describe_all() {
         "ferry_commit_seconds",
         Unit::Seconds,
         "Time to write and sync one group-commit batch"
+    );
+    describe_histogram!(
+        "ferry_commit_apply_seconds",
+        Unit::Seconds,
+        "Time to apply one batch's ops (dedup, seqs, checks) before its write"
+    );
+    describe_histogram!(
+        "ferry_commit_sink_seconds",
+        Unit::Seconds,
+        "Time to hand one durable batch's acks and fan-out to connection outboxes"
     );
     describe_histogram!(
         "ferry_commit_batch_ops",

@@ -31,6 +31,8 @@ pub enum Reply {
         conn: Arc<Conn>,
         /// The Send's client msg id.
         client_msg_id: u64,
+        /// When the Send was taken in (for `ferry_send_ack_seconds`).
+        received: std::time::Instant,
     },
     /// A request with a request id: RecallAck / GroupReply, or Error.
     Request {
@@ -45,8 +47,12 @@ pub enum Reply {
 
 pub(crate) struct Shared {
     pub sessions: Sessions,
-    /// `ferry_deliveries_total`, resolved once.
+    /// `ferry_deliveries_total`, resolved once (as are the next two).
     pub deliveries: metrics::Counter,
+    /// `ferry_sync_pages_total`.
+    pub sync_pages: metrics::Counter,
+    /// `ferry_send_ack_seconds`: from taking a Send in to queueing its ack.
+    pub send_ack_seconds: metrics::Histogram,
     pub storage: Arc<Storage>,
     pub max_frame_bytes: usize,
     pub runtime: tokio::runtime::Handle,
@@ -62,6 +68,8 @@ impl Shared {
         Shared {
             sessions: Sessions::new(),
             deliveries: metrics::counter!("ferry_deliveries_total"),
+            sync_pages: metrics::counter!("ferry_sync_pages_total"),
+            send_ack_seconds: metrics::histogram!("ferry_send_ack_seconds"),
             storage,
             max_frame_bytes,
             runtime,
@@ -86,9 +94,10 @@ impl Shared {
         }
         match outcome {
             Outcome::Sent { ack, fanouts, .. } => {
-                if let Reply::Send { conn, .. } = &reply {
+                if let Reply::Send { conn, received, .. } = &reply {
                     // The ack goes first: the sender's own copy follows it.
                     let _ = conn.push(Frame::from(ack));
+                    self.send_ack_seconds.record(received.elapsed());
                 }
                 self.deliver_all(&fanouts);
             }
@@ -176,6 +185,7 @@ fn reply_error(reply: &Reply, code: ErrorCode, message: String) {
         Reply::Send {
             conn,
             client_msg_id,
+            ..
         } => {
             let _ = conn.push(error_frame(code, message, 0, *client_msg_id));
         }
@@ -270,6 +280,7 @@ async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
         let max = shared.max_frame_bytes;
         let last_seq = page.last_seq;
         let page_is_last = !page.has_more;
+        shared.sync_pages.increment(1);
         let result = conn.push_sync_page(last_seq, page_is_last, |has_more| {
             let chunks = chunk_entries(page.entries, max);
             let count = chunks.len();

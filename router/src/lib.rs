@@ -284,6 +284,7 @@ impl Router {
         let reply = Reply::Send {
             conn: conn.clone(),
             client_msg_id: send.client_msg_id,
+            received: std::time::Instant::now(),
         };
         match self.committer.submit(op, reply).await {
             Ok(()) => Ok(()),

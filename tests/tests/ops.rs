@@ -622,10 +622,16 @@ async fn scrape(addr: SocketAddr) -> Metrics {
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
     let mut out = Metrics::new();
     for sample in scrape.samples {
-        let value = match sample.value {
+        let value = match &sample.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
+            | prometheus_parse::Value::Untyped(v) => *v,
+            // A histogram counts as its number of observations (the +Inf bucket).
+            prometheus_parse::Value::Histogram(buckets) => {
+                let count = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+                out.insert(format!("{}_count", sample.metric), count);
+                continue;
+            }
             _ => continue,
         };
         let mut labels: Vec<(String, String)> = sample
@@ -765,6 +771,14 @@ async fn metrics_count_connects_sends_and_kicks() {
     assert_eq!(delta("ferry_frames_out_total{kind=\"kick\"}"), 1.0);
     // bob's copy and alice's own.
     assert_eq!(delta("ferry_frames_out_total{kind=\"deliver\"}"), 2.0);
+    // Storage and router figures: histograms appear with their first
+    // observation, so a missing one counts as zero before.
+    let grown = |key: &str| get(&m1, key) - m0.get(key).copied().unwrap_or(0.0);
+    assert_eq!(grown("ferry_send_ack_seconds_count"), 1.0);
+    assert!(grown("ferry_commit_batch_ops_count") >= 1.0);
+    assert!(grown("ferry_commit_seconds_count") >= 1.0);
+    // bob's entry and alice's own copy.
+    assert_eq!(grown("ferry_deliveries_total"), 2.0);
     assert!(delta("ferry_bytes_in_total") > 0.0);
     assert!(delta("ferry_bytes_out_total") > 0.0);
     // The gauge is read a moment before the counters are rendered.
