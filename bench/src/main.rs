@@ -2,7 +2,8 @@
 //!
 //! Thousands of real TCP clients against a ferry server (spawned for the run
 //! with `--spawn`, or running at `--server`), with HDR latency histograms,
-//! the server's CPU and memory from `/proc`, and every figure as JSON.
+//! the server's CPU and memory from `/proc`, its own figures from its
+//! `/metrics`, and every figure as JSON.
 //! Scenarios: `conns`, `direct`, `group`, `floor` (bare-socket baseline),
 //! `churn` (exactly-once under reconnects and a server kill) and `suite`.
 //! Run `ferry-bench <scenario> --help` for the options.
@@ -13,6 +14,7 @@ mod payload;
 mod procfs;
 mod report;
 mod scenarios;
+mod server_metrics;
 mod spawn;
 mod target;
 mod worker;

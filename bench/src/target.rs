@@ -1,6 +1,7 @@
 //! Where the server under test is: a `ferry serve` child started for the
-//! run (`--spawn`), or a running server (`--server`). Also the options every
-//! scenario shares, and the token secret.
+//! run (`--spawn`), or a running server (`--server`, with `--http` for its
+//! ops port). Also the options every scenario shares, the token secret, and
+//! scraping the server's `/metrics`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::procfs::{Sampler, Watched};
+use crate::server_metrics::{self, Snapshot};
 use crate::spawn::{FerryServer, default_ferry_bin};
 
 /// Options of every scenario.
@@ -44,6 +46,9 @@ pub struct CommonArgs {
     /// With --server: pid of the server process, for its CPU and memory figures.
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
+    /// With --server: the server's ops HTTP address (loopback), for its /metrics figures.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "spawn")]
+    pub http: Option<String>,
     #[command(flatten)]
     pub harness: HarnessArgs,
 }
@@ -77,6 +82,8 @@ const SPAWN_DEFAULTS: &[(&str, &str)] = &[("--max-frames-per-sec", "1000")];
 pub struct Target {
     /// Client listener address.
     pub addr: SocketAddr,
+    /// Ops HTTP address, for `/metrics` (`None`: no server figures).
+    pub ops: Option<SocketAddr>,
     /// JWT secret for minting client tokens.
     pub secret: Vec<u8>,
     /// The spawned server, if any.
@@ -91,7 +98,7 @@ impl Target {
     /// Spawns or locates the server and starts sampling.
     pub async fn open(common: &CommonArgs) -> anyhow::Result<Target> {
         let run_id = format!("b{}", &crate::spawn::random_secret()[..8]);
-        let (addr, secret, server, pid) = if common.spawn {
+        let (addr, ops, secret, server, pid) = if common.spawn {
             let bin = match &common.ferry_bin {
                 Some(b) => b.clone(),
                 None => default_ferry_bin()?,
@@ -110,20 +117,29 @@ impl Target {
                 server.data_dir().display()
             );
             let secret = server.secret().as_bytes().to_vec();
-            let (addr, pid) = (server.client_addr, server.pid);
-            (addr, secret, Some(server), Some(pid))
+            let (addr, ops, pid) = (server.client_addr, server.ops_addr, server.pid);
+            (addr, Some(ops), secret, Some(server), Some(pid))
         } else if let Some(server) = &common.server {
-            let addr = tokio::net::lookup_host(server)
-                .await
-                .with_context(|| format!("resolving {server}"))?
-                .next()
-                .with_context(|| format!("{server} resolves to no address"))?;
+            let addr = resolve(server).await?;
+            let ops = match &common.http {
+                Some(http) => {
+                    let ops = resolve(http).await?;
+                    // The ops port also serves the admin API: the harness
+                    // only talks to one on this host.
+                    anyhow::ensure!(
+                        ops.ip().is_loopback(),
+                        "--http must be a loopback address, not {ops}"
+                    );
+                    Some(ops)
+                }
+                None => None,
+            };
             let (secret, _) = ferry_gateway::auth::load_or_create_secret(
                 common.jwt_secret.as_deref(),
                 &common.data_dir,
             )
             .context("loading the JWT secret (give --jwt-secret or --data-dir)")?;
-            (addr, secret, None, common.server_pid)
+            (addr, ops, secret, None, common.server_pid)
         } else {
             bail!("give --spawn or --server HOST:PORT");
         };
@@ -143,6 +159,7 @@ impl Target {
         });
         Ok(Target {
             addr,
+            ops,
             secret,
             server,
             sampler,
@@ -154,6 +171,7 @@ impl Target {
     pub fn describe(&self) -> serde_json::Value {
         json!({
             "address": self.addr.to_string(),
+            "ops_address": self.ops.map(|a| a.to_string()),
             "spawned": self.server.is_some(),
             "server_pid": self.server.as_ref().map(|s| s.pid),
         })
@@ -172,12 +190,27 @@ impl Target {
         Ok(())
     }
 
+    /// The server's `/metrics` now; `None` without an ops address or when
+    /// the scrape fails (never an error: the figures are then "n/a").
+    pub async fn scrape(&self) -> Option<Snapshot> {
+        server_metrics::scrape(self.ops?).await
+    }
+
     /// Stops a spawned server.
     pub async fn close(mut self) {
         if let Some(server) = &mut self.server {
             server.stop().await;
         }
     }
+}
+
+/// The first address `host_port` resolves to.
+async fn resolve(host_port: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(host_port)
+        .await
+        .with_context(|| format!("resolving {host_port}"))?
+        .next()
+        .with_context(|| format!("{host_port} resolves to no address"))
 }
 
 impl Target {

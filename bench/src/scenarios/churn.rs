@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use crate::clients::{login, tcp_connect, user_id, wait_until};
 use crate::payload::{Payload, now_ns};
 use crate::report::{Outcome, Table, count, mib, usage_rows};
+use crate::server_metrics::{self, ServerFigures, Snapshot};
 use crate::target::{CommonArgs, Target};
 
 /// A Send without SendAck for this long means the connection is broken.
@@ -657,6 +658,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
             ""
         }
     );
+    let metrics_start = target.scrape().await;
     let t0 = now_ns();
     let progress = Arc::new(AtomicU64::new(0));
     let stop_churn = Arc::new(AtomicBool::new(false));
@@ -709,12 +711,20 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         })
     };
     let mut kill = None;
+    // The server's counters up to the kill; its successor counts from 0.
+    let mut metrics_before = metrics_start.clone();
+    let mut metrics_before_kill = None;
     if args.kill_server {
         let at = (args.messages as f64 * rand::rng().random_range(0.2..0.8)) as u64;
         wait_until(Duration::from_secs(3600), Duration::from_millis(5), || {
             progress.load(Ordering::Relaxed) >= at || dispatcher.is_finished()
         })
         .await;
+        metrics_before_kill = Some(server_metrics::change(
+            metrics_start.as_ref(),
+            target.scrape().await.as_ref(),
+        ));
+        metrics_before = Some(Snapshot::default());
         let server = target.server.as_mut().context("no spawned server")?;
         let t_kill = now_ns();
         server.kill9().await?;
@@ -728,6 +738,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         let _ = addr_tx.send(server.client_addr);
         target.sampler.set_server(Some(server.pid));
         target.addr = server.client_addr;
+        target.ops = Some(server.ops_addr);
         kill = Some((at, restart_secs));
     }
     dispatcher.await.context("dispatcher")?;
@@ -762,6 +773,12 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     }
     let t1 = now_ns();
     target.check_alive()?;
+    let mut metrics =
+        server_metrics::change(metrics_before.as_ref(), target.scrape().await.as_ref());
+    if let Some(up_to_kill) = metrics_before_kill {
+        metrics = server_metrics::then(up_to_kill, metrics);
+    }
+    let server = ServerFigures::from_change(metrics.as_ref());
     let usage = target.sampler.usage(t0, t1).await;
     let describe = target.describe();
     target.close().await;
@@ -839,6 +856,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     }
     t.row("server peak RSS", mib(usage.server_peak_rss_mib));
     usage_rows(&mut t, "whole run", &usage);
+    server.add_rows(&mut t);
     t.print();
     if let Some(why) = &first_loss {
         eprintln!("churn: first unplanned disconnect: {why}");
@@ -885,6 +903,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         "redelivered": sum(|r| r.redelivered),
         "check": c,
         "usage": usage,
+        "server_metrics": server,
     });
     Ok(Outcome {
         name: "churn",

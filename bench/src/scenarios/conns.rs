@@ -20,6 +20,7 @@ use crate::clients::{
 use crate::hist::Hist;
 use crate::payload::now_ns;
 use crate::report::{Outcome, Table, count, latency_cell, mib, usage_rows};
+use crate::server_metrics::ServerFigures;
 use crate::target::{CommonArgs, Target};
 use crate::worker::{self, Io, Pool};
 
@@ -198,8 +199,10 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     let t1 = now_ns();
     target.check_alive()?;
     eprintln!("conns: holding for {} s…", args.hold);
+    let metrics_before = target.scrape().await;
     let held: Vec<Held> = pool.ask(&Cmd::Hold).await?;
     let t2 = now_ns();
+    let server = ServerFigures::between(metrics_before.as_ref(), target.scrape().await.as_ref());
     let rss_after = target.sampler.server_rss_now();
     target.check_alive()?;
     let _: Vec<Closed> = pool.ask(&Cmd::Close).await?;
@@ -263,6 +266,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     .row("failed pings", failed_pings);
     usage_rows(&mut t, "connecting", &connect_usage);
     usage_rows(&mut t, "holding", &hold_usage);
+    server.add_rows(&mut t);
     t.print();
 
     let mut failures = Vec::new();
@@ -308,6 +312,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         "drops": drops,
         "usage_connecting": connect_usage,
         "usage_holding": hold_usage,
+        "server_metrics_holding": server,
     });
     Ok(Outcome {
         name: "conns",

@@ -33,6 +33,7 @@ use crate::clients::{
 use crate::hist::{Hist, SharedHist};
 use crate::payload::{Payload, micros_since, now_ns};
 use crate::report::{Outcome, Table, count, latency_cell, mib};
+use crate::server_metrics::ServerFigures;
 use crate::target::{CommonArgs, Target};
 use crate::worker::{self, Io, Pool};
 
@@ -449,6 +450,8 @@ struct StepFigures {
     ack_latency: crate::hist::Summary,
     deliver_latency: crate::hist::Summary,
     usage: crate::procfs::Usage,
+    /// From the server's `/metrics`, over the step and its drain.
+    server: ServerFigures,
 }
 
 /// Runs `direct` and prints its table.
@@ -510,6 +513,8 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
     for (k, &rate) in args.rate.iter().enumerate() {
         let tag = k as u8;
         let duration_ns = args.duration * 1_000_000_000;
+        // Before the start is set: the scrape must not eat the 200 ms lead.
+        let metrics_before = target.scrape().await;
         let start_ns = now_ns() + 200_000_000;
         eprintln!(
             "direct: step {}: {rate} msgs/s for {} s…",
@@ -550,6 +555,8 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
         let drained_secs = now_ns().saturating_sub(end_ns) as f64 / 1e9;
         let done: Vec<StepDone> = pool.ask(&Cmd::Finish).await?;
         target.check_alive()?;
+        let server =
+            ServerFigures::between(metrics_before.as_ref(), target.scrape().await.as_ref());
         let usage = target.sampler.usage(start_ns, end_ns).await;
 
         let mut ack_hist = Hist::new();
@@ -587,6 +594,7 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
             ack_latency: ack_hist.summary(),
             deliver_latency: deliver_hist.summary(),
             usage,
+            server,
         };
         let drops = sumd(|d| d.drops);
         if drops > 0 {
@@ -687,6 +695,12 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
     row(&mut t, "harness CPU (% of a core)", &|s| {
         format!("{:.0}%", s.usage.harness_cpu_pct)
     });
+    let server_rows: Vec<Vec<(&str, String)>> = steps.iter().map(|s| s.server.rows()).collect();
+    for (r, (label, _)) in server_rows[0].iter().enumerate() {
+        let mut cells = vec![(*label).to_owned()];
+        cells.extend(server_rows.iter().map(|rows| rows[r].1.clone()));
+        t.cells(cells);
+    }
     t.print();
 
     let mut failures = Vec::new();

@@ -27,6 +27,7 @@ use crate::clients::{
 use crate::hist::{Hist, SharedHist, fmt_us};
 use crate::payload::{Payload, now_ns};
 use crate::report::{Outcome, Table, count, latency_cell, mib, usage_rows};
+use crate::server_metrics::ServerFigures;
 use crate::target::{CommonArgs, Target};
 use crate::worker::{self, Io, Pool};
 
@@ -531,6 +532,7 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
     target.check_alive()?;
 
     eprintln!("group: sending {} messages…", args.messages);
+    let metrics_before = target.scrape().await;
     let t0 = now_ns();
     let mut figures = Vec::new();
     for k in 0..args.messages {
@@ -561,6 +563,7 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_nanos(next.saturating_sub(now_ns()))).await;
     }
     let t1 = now_ns();
+    let server = ServerFigures::between(metrics_before.as_ref(), target.scrape().await.as_ref());
     let finished: Vec<Finished> = pool.ask(&Cmd::Finish).await?;
     let _: Vec<Closed> = pool.ask(&Cmd::Close).await?;
     pool.finish().await?;
@@ -631,6 +634,7 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
         .row("missing deliveries", missing)
         .row("server peak RSS", mib(usage.server_peak_rss_mib));
     usage_rows(&mut s, "sending", &usage);
+    server.add_rows(&mut s);
     s.print();
 
     let mut failures = Vec::new();
@@ -654,6 +658,7 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
         "missing_deliveries": missing,
         "per_message": figures,
         "usage": usage,
+        "server_metrics": server,
     });
     Ok(Outcome {
         name: "group",
