@@ -49,6 +49,10 @@ pub struct CommonArgs {
     /// With --server: the server's ops HTTP address (loopback), for its /metrics figures.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "spawn")]
     pub http: Option<String>,
+    /// With --server: allow a server that is not on loopback. Load is traffic:
+    /// aim it at another host only when that host is yours to load.
+    #[arg(long, conflicts_with = "spawn")]
+    pub allow_remote: bool,
     #[command(flatten)]
     pub harness: HarnessArgs,
 }
@@ -121,6 +125,10 @@ impl Target {
             (addr, Some(ops), secret, Some(server), Some(pid))
         } else if let Some(server) = &common.server {
             let addr = resolve(server).await?;
+            anyhow::ensure!(
+                addr.ip().is_loopback() || common.allow_remote,
+                "--server {addr} is not a loopback address; add --allow-remote to load another host"
+            );
             let ops = match &common.http {
                 Some(http) => {
                     let ops = resolve(http).await?;

@@ -29,10 +29,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Buckets (seconds) of the latency histograms (`ferry_commit_seconds`,
 /// `ferry_commit_apply_seconds`, `ferry_commit_sink_seconds`,
-/// `ferry_send_ack_seconds`): from half a millisecond (a WAL write without
-/// fsync) to 5 s (a disk in trouble).
-pub const LATENCY_BUCKETS: [f64; 13] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+/// `ferry_send_ack_seconds`): from 50 µs (applying a small batch to the
+/// memtable) through half a millisecond (a WAL write without fsync) to 5 s
+/// (a disk in trouble).
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
 ];
 
 /// Buckets of `ferry_commit_batch_ops` (ops per group commit): powers of two
