@@ -38,14 +38,14 @@ use crate::worker::{self, Io, Pool};
 /// Frames queued per connection in the bare servers.
 const SERVER_QUEUE: usize = 1024;
 
-/// Frames a relay client writes per `write_all`.
-const WRITE_BATCH: usize = 16;
+/// Frames a relay client writes per `write_all`, by default.
+pub const WRITE_BATCH_DEFAULT: u32 = 16;
 
 /// Relay frames in flight per worker process (written by it and not yet
 /// received by it): one batch per connection, at most [`RELAY_WINDOW_MAX`].
 /// Enough to keep the relay busy, few enough that the latency is not all
 /// queueing.
-const RELAY_WINDOW: u64 = WRITE_BATCH as u64;
+const RELAY_WINDOW: u64 = WRITE_BATCH_DEFAULT as u64;
 
 /// Upper bound of the relay window of one worker.
 const RELAY_WINDOW_MAX: u64 = 4096;
@@ -70,6 +70,11 @@ pub struct FloorArgs {
     /// Seconds of relaying.
     #[arg(long, default_value_t = 30)]
     pub duration: u64,
+    /// Frames a relay client writes per write (1..=64). 16 measures the
+    /// relay ceiling; 1 is the shape of `direct`, one frame per syscall.
+    #[arg(long, default_value_t = WRITE_BATCH_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub relay_batch: u32,
     /// Fan-out connections.
     #[arg(long, default_value_t = 10_000)]
     pub members: u32,
@@ -266,9 +271,17 @@ enum Phase {
 #[derive(Debug, Serialize, Deserialize)]
 enum Cmd {
     Connect,
-    Relay { start_ns: u64, duration_ns: u64 },
-    Send { k: u32 },
-    Await { k: u32 },
+    Relay {
+        start_ns: u64,
+        duration_ns: u64,
+        batch: u32,
+    },
+    Send {
+        k: u32,
+    },
+    Await {
+        k: u32,
+    },
     Finish,
     Close,
 }
@@ -367,6 +380,7 @@ async fn read_loop(mut r: BufReader<OwnedReadHalf>, state: Arc<State>, phase: Ph
 async fn relay_writer(
     mut w: OwnedWriteHalf,
     sender: u32,
+    batch: u32,
     state: Arc<State>,
     start_ns: u64,
     end_ns: u64,
@@ -374,17 +388,17 @@ async fn relay_writer(
     tokio::time::sleep(Duration::from_nanos(start_ns.saturating_sub(now_ns()))).await;
     let mut counter = 0u32;
     let mut written = 0u64;
-    let mut buf = Vec::with_capacity(WRITE_BATCH * (4 + BODY_BYTES));
+    let mut buf = Vec::with_capacity(batch as usize * (4 + BODY_BYTES));
     loop {
         // One permit per frame in flight; readers give them back.
         let left = Duration::from_nanos(end_ns.saturating_sub(now_ns()));
-        match tokio::time::timeout(left, state.window.acquire_many(WRITE_BATCH as u32)).await {
+        match tokio::time::timeout(left, state.window.acquire_many(batch)).await {
             Ok(Ok(permit)) => permit.forget(),
             _ => break,
         }
         buf.clear();
         let sent_ns = now_ns();
-        for _ in 0..WRITE_BATCH {
+        for _ in 0..batch {
             let p = Payload {
                 sent_ns,
                 sender,
@@ -397,7 +411,7 @@ async fn relay_writer(
         if w.write_all(&buf).await.is_err() {
             break;
         }
-        written += WRITE_BATCH as u64;
+        written += u64::from(batch);
     }
     (written, w)
 }
@@ -476,6 +490,7 @@ pub async fn worker(job: Job, index: usize, io: &mut Io) -> anyhow::Result<()> {
             Cmd::Relay {
                 start_ns,
                 duration_ns,
+                batch,
             } => {
                 let end_ns = start_ns + duration_ns;
                 state.window_end_ns.store(end_ns, Ordering::Relaxed);
@@ -489,7 +504,10 @@ pub async fn worker(job: Job, index: usize, io: &mut Io) -> anyhow::Result<()> {
                     let index = c.index;
                     let state = state.clone();
                     writers.spawn(async move {
-                        (slot, relay_writer(w, index, state, start_ns, end_ns).await)
+                        (
+                            slot,
+                            relay_writer(w, index, batch, state, start_ns, end_ns).await,
+                        )
                     });
                 }
                 let mut sent = 0;
@@ -669,6 +687,7 @@ pub async fn run(args: &FloorArgs) -> anyhow::Result<Outcome> {
         .ask(&Cmd::Relay {
             start_ns,
             duration_ns,
+            batch: args.relay_batch,
         })
         .await?;
     let relay_usage = sampler.usage(start_ns, start_ns + duration_ns).await;
@@ -751,10 +770,11 @@ pub async fn run(args: &FloorArgs) -> anyhow::Result<Outcome> {
     .row(
         "relay: msgs/s at max rate",
         format!(
-            "{relay_rate:.0} ({} connections, {} process(es), {} s)",
+            "{relay_rate:.0} ({} connections, {} process(es), {} s, {} frame(s) per write)",
             count(args.users as u64),
             relay_workers,
-            args.duration
+            args.duration,
+            args.relay_batch
         ),
     )
     .row(
@@ -803,6 +823,7 @@ pub async fn run(args: &FloorArgs) -> anyhow::Result<Outcome> {
         "relay": {
             "connections": args.users,
             "processes": relay_workers,
+            "frames_per_write": args.relay_batch,
             "connect_secs": relay_connect_secs,
             "duration_secs": args.duration,
             "sent": relay_sent,

@@ -67,6 +67,7 @@ pub async fn run(args: &SuiteArgs) -> Vec<Outcome> {
                 members: users,
                 messages: 5,
                 interval_ms: 500,
+                relay_batch: super::floor::WRITE_BATCH_DEFAULT,
                 harness: common.harness.clone(),
             }),
         ),
