@@ -25,7 +25,7 @@ use ferry_protocol::proto::{self, frame::Body};
 use ferry_protocol::{CodecError, ErrorCode, Frame, FrameCodec};
 use ferry_router::session::{CloseReason, Conn, Outgoing};
 use prost::Message;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info};
@@ -251,11 +251,11 @@ async fn read_some(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Res
     if buf.capacity() == buf.len() {
         buf.reserve(READ_CHUNK);
     }
-    match read.try_read_buf(buf) {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(usize::MAX),
-        Err(e) => Err(e),
-    }
+    // `read_buf`, not `try_read_buf`: a read that comes back short proves
+    // the socket drained, and tokio then forgets the readiness, so the next
+    // `readable()` parks at once instead of costing a read that would block
+    // (one wasted syscall per frame on a busy connection).
+    read.read_buf(buf).await
 }
 
 type CloseWith = (ErrorCode, String);
@@ -467,13 +467,12 @@ async fn linger_read(read: &mut OwnedReadHalf) {
             sink.clear();
             match read_some(read, &mut sink).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) if n != usize::MAX => {
+                Ok(n) => {
                     total += n;
                     if total > LINGER_MAX_BYTES {
                         break;
                     }
                 }
-                Ok(_) => {}
             }
         }
     };
