@@ -41,11 +41,12 @@ const SERVER_QUEUE: usize = 1024;
 /// Frames a relay client writes per `write_all`, by default.
 pub const WRITE_BATCH_DEFAULT: u32 = 16;
 
-/// Relay frames in flight per worker process (written by it and not yet
-/// received by it): one batch per connection, at most [`RELAY_WINDOW_MAX`].
+/// Relay frames in flight per connection of a worker process (written by
+/// it and not yet received by it), at most [`RELAY_WINDOW_MAX`] per worker.
 /// Enough to keep the relay busy, few enough that the latency is not all
-/// queueing.
-const RELAY_WINDOW: u64 = WRITE_BATCH_DEFAULT as u64;
+/// queueing. Independent of `--relay-batch`: the same frames are in flight
+/// whether they leave one per write or sixteen.
+const RELAY_WINDOW: u64 = 16;
 
 /// Upper bound of the relay window of one worker.
 const RELAY_WINDOW_MAX: u64 = 4096;
