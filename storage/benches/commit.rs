@@ -68,6 +68,8 @@ fn commit_path(c: &mut Criterion) {
                 total
             })
         });
+        // Close the database before its temp dir goes, and before exit.
+        committer.blocking_stop().unwrap();
     }
     group.finish();
 }

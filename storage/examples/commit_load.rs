@@ -76,9 +76,10 @@ fn main() {
         .collect();
     let cpu_before = thread_cpu_seconds("ferry-commit");
     let started = Instant::now();
+    let feeding = committer.clone();
     let feeder = std::thread::spawn(move || {
         for (i, op) in ops.into_iter().enumerate() {
-            committer.blocking_submit(op, i as u64).expect("submit");
+            feeding.blocking_submit(op, i as u64).expect("submit");
         }
     });
     let mut done = 0usize;
@@ -92,6 +93,8 @@ fn main() {
     let wall = started.elapsed().as_secs_f64();
     feeder.join().expect("feeder");
     let cpu = thread_cpu_seconds("ferry-commit") - cpu_before;
+    // The committer's threads must be done with RocksDB before main returns.
+    committer.blocking_stop().expect("stop");
     println!(
         "{messages} messages, {users} users, {durability:?}: {:.0} msgs/s wall, \
          committer CPU {:.2} s = {:.2} us/msg, {batches} batches (avg {:.0} msgs)",

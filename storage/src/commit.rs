@@ -365,6 +365,15 @@ impl<T: Send + 'static> Committer<T> {
             .map_err(|_| CommitterStopped)?;
         wait.await.map_err(|_| CommitterStopped)
     }
+
+    /// [`Committer::stop`] from a non-async thread.
+    pub fn blocking_stop(&self) -> Result<(), CommitterStopped> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .blocking_send(Request::Stop(done))
+            .map_err(|_| CommitterStopped)?;
+        wait.blocking_recv().map_err(|_| CommitterStopped)
+    }
 }
 
 struct Worker {

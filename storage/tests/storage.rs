@@ -15,7 +15,25 @@ use ferry_storage::{
 
 type Results = mpsc::Receiver<(u32, Outcome)>;
 
-fn start(storage: &Arc<Storage>) -> (Committer<u32>, Results) {
+/// A running committer, stopped (and waited for) when dropped: a test that
+/// returned with it still running would let the process exit while its
+/// threads close RocksDB, which aborts the process.
+struct Running(Committer<u32>);
+
+impl std::ops::Deref for Running {
+    type Target = Committer<u32>;
+    fn deref(&self) -> &Committer<u32> {
+        &self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.blocking_stop();
+    }
+}
+
+fn start(storage: &Arc<Storage>) -> (Running, Results) {
     let (tx, rx) = mpsc::channel();
     let committer = Committer::start(storage.clone(), CommitOptions::default(), move |batch| {
         for item in batch {
@@ -23,7 +41,7 @@ fn start(storage: &Arc<Storage>) -> (Committer<u32>, Results) {
         }
     })
     .unwrap();
-    (committer, rx)
+    (Running(committer), rx)
 }
 
 fn send(from: &str, cid: u64, to: &str, body: &str) -> Op {
@@ -111,14 +129,9 @@ fn reopen_keeps_seqs_and_dedup() {
         first_ack = ack;
         results.recv().unwrap();
     }
-    // Give the committer thread of the first instance time to drop its
-    // handle: RocksDB holds a lock on the directory.
-    let storage = loop {
-        match Storage::open(dir.path(), StorageOptions::default()) {
-            Ok(s) => break s,
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    };
+    // The first instance's committer was stopped and its storage dropped
+    // at the end of the block, so RocksDB's directory lock is released.
+    let storage = open(dir.path());
     assert_eq!(storage.max_seq("b").unwrap(), 2);
     assert_eq!(storage.max_seq("a").unwrap(), 2);
     let (committer, results) = start(&storage);
