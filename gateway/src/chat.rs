@@ -230,6 +230,14 @@ enum Request {
     Sync,
     History,
     Group(&'static str),
+    /// `/members`: pages through the list under one request id, asking
+    /// for the next page while the reply says `has_more`.
+    Members {
+        /// Members printed so far.
+        listed: usize,
+        /// Pages printed so far.
+        pages: usize,
+    },
 }
 
 struct Chat {
@@ -440,8 +448,16 @@ impl Chat {
                 let Some(group_id) = self.current_group() else {
                     return Ok(true);
                 };
-                let op = GroupOp::ListMembers(proto::ListMembers { group_id });
-                self.group_request(op, "members").await?;
+                let request_id = self.next_id();
+                self.requests.insert(
+                    request_id,
+                    Request::Members {
+                        listed: 0,
+                        pages: 0,
+                    },
+                );
+                self.list_members(request_id, group_id, String::new())
+                    .await?;
             }
             _ => eprintln!("unknown command or wrong arguments: {line} (/help lists commands)"),
         }
@@ -468,6 +484,58 @@ impl Chat {
             })
             .await?;
         Ok(())
+    }
+
+    /// Asks for the page of members after `after_user_id` (server default
+    /// page size).
+    async fn list_members(
+        &mut self,
+        request_id: u64,
+        group_id: String,
+        after_user_id: String,
+    ) -> Result<(), ChatError> {
+        let op = GroupOp::ListMembers(proto::ListMembers {
+            group_id,
+            after_user_id,
+            limit: 0,
+        });
+        self.writer
+            .send(proto::GroupRequest {
+                request_id,
+                op: Some(op),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Prints one page of a `/members` listing and asks for the next.
+    async fn members_page(
+        &mut self,
+        reply: proto::GroupReply,
+        listed: usize,
+        pages: usize,
+    ) -> Result<(), ChatError> {
+        println!(
+            "group {}: members: {}",
+            reply.group_id,
+            describe_members(&reply.members)
+        );
+        let (listed, pages) = (listed + reply.members.len(), pages + 1);
+        match (reply.has_more, reply.members.last()) {
+            (true, Some(last)) => {
+                let after = last.user_id.clone();
+                self.requests
+                    .insert(reply.request_id, Request::Members { listed, pages });
+                self.list_members(reply.request_id, reply.group_id, after)
+                    .await
+            }
+            _ => {
+                if pages > 1 {
+                    println!("group {}: {listed} members", reply.group_id);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Reads and prints one frame.
@@ -533,18 +601,17 @@ impl Chat {
             Body::GroupReply(reply) => {
                 let what = match self.requests.remove(&reply.request_id) {
                     Some(Request::Group(what)) => what,
+                    Some(Request::Members { listed, pages }) => {
+                        self.members_page(reply, listed, pages).await?;
+                        return Ok(Event::Nothing);
+                    }
                     _ => "reply",
                 };
-                let members: Vec<String> = reply
-                    .members
-                    .iter()
-                    .map(|m| match m.role() {
-                        proto::GroupRole::Owner => format!("{} (owner)", m.user_id),
-                        proto::GroupRole::Admin => format!("{} (admin)", m.user_id),
-                        _ => m.user_id.clone(),
-                    })
-                    .collect();
-                println!("group {}: {what}: {}", reply.group_id, members.join(", "));
+                println!(
+                    "group {}: {what}: {}",
+                    reply.group_id,
+                    describe_members(&reply.members)
+                );
             }
             Body::Error(e) => {
                 let code = code_name(e.code);
@@ -615,6 +682,19 @@ commands:
   /sync [AFTER_SEQ]        replay your inbox after AFTER_SEQ (default 0)
   /history [COUNT]         the current conversation's last COUNT messages
   /quit                    wait for outstanding acks, then leave";
+
+/// `alice (owner), bob (admin), carol`.
+fn describe_members(members: &[proto::GroupMember]) -> String {
+    let members: Vec<String> = members
+        .iter()
+        .map(|m| match m.role() {
+            proto::GroupRole::Owner => format!("{} (owner)", m.user_id),
+            proto::GroupRole::Admin => format!("{} (admin)", m.user_id),
+            _ => m.user_id.clone(),
+        })
+        .collect();
+    members.join(", ")
+}
 
 fn label(conv: &proto::Conversation) -> String {
     label_of(Some(conv))

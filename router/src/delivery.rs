@@ -210,6 +210,7 @@ pub fn group_reply(request_id: u64, group: &Group) -> proto::GroupReply {
             })
             .collect(),
         name: group.meta.name.clone(),
+        has_more: false,
     }
 }
 

@@ -86,6 +86,15 @@ pub const HISTORY_PAGE: usize = 50;
 pub const HISTORY_PAGE_MAX: usize = 200;
 /// Room left in a frame for everything but the app's content.
 const FRAME_HEADROOM: usize = 1024;
+/// Default `list_members` page (`ListMembers.limit` = 0). About 20 KiB with
+/// 16-byte user ids; with 64-byte ids the frame cut (see [`members_page`])
+/// shortens the page instead.
+pub const MEMBERS_PAGE: usize = 1000;
+/// Largest `list_members` page a client may ask for: a 10,000-member group
+/// (the default member limit) is listed in 10 requests.
+pub const MEMBERS_PAGE_MAX: usize = 1000;
+/// Room in a frame for the `Frame` wrapper around a `GroupReply`.
+const GROUP_REPLY_HEADROOM: usize = 64;
 
 /// Routes the requests of authenticated connections.
 pub struct Router {
@@ -108,6 +117,80 @@ fn target_of(conv: Option<&proto::Conversation>) -> Result<Target, (ErrorCode, S
         proto::ConversationKind::Group => Ok(Target::Group(conv.id.as_str().into())),
         proto::ConversationKind::Unspecified => Err(invalid("conversation kind is required")),
     }
+}
+
+/// One `list_members` page of `group`: the members whose user id sorts
+/// (bytewise) after `after`, ascending, at most `limit` of them, and no
+/// more than fit in one frame of `max_frame_bytes` with the `Frame` wrapper.
+/// `has_more` says members remain after the page.
+///
+/// Members are kept in join order (fan-out iterates them), so the page is
+/// picked in O(members) and only the page is sorted: a 10,000-member group
+/// costs one pass per page. Paging by user id rather than by position keeps
+/// a cursor valid while members join and leave between pages.
+///
+/// A page holds at least one member whenever one remains: a member is at
+/// most 70 bytes encoded (user ids are 1..=64 bytes, checked when members
+/// are added and at login), which always fits beside the reply's other
+/// fields in the smallest allowed frame (256 bytes), except next to a group
+/// name long enough to fill the frame; the name is then left out.
+fn members_page(
+    request_id: u64,
+    group: &ferry_storage::Group,
+    after: &str,
+    limit: usize,
+    max_frame_bytes: usize,
+) -> proto::GroupReply {
+    let limit = limit.max(1);
+    let mut rest: Vec<&Arc<str>> = group
+        .members
+        .iter()
+        .filter(|m| m.as_ref() > after)
+        .collect();
+    if rest.len() > limit {
+        rest.select_nth_unstable(limit);
+        rest.truncate(limit + 1);
+    }
+    rest.sort_unstable();
+    let members: Vec<proto::GroupMember> = rest
+        .iter()
+        .map(|m| proto::GroupMember {
+            user_id: m.to_string(),
+            role: group.role(m).unwrap_or(proto::GroupRole::Member) as i32,
+        })
+        .collect();
+    let mut reply = proto::GroupReply {
+        request_id,
+        group_id: group.id.to_string(),
+        members: Vec::new(),
+        name: group.meta.name.clone(),
+        // Counted as set, so that the size below is never short.
+        has_more: true,
+    };
+    let budget = max_frame_bytes.saturating_sub(GROUP_REPLY_HEADROOM);
+    let member_len = |m: &proto::GroupMember| {
+        let len = m.encoded_len();
+        1 + prost::encoding::encoded_len_varint(len as u64) + len
+    };
+    if let Some(first) = members.first()
+        && reply.encoded_len() + member_len(first) > budget
+    {
+        reply.name.clear();
+    }
+    let mut used = reply.encoded_len();
+    let mut fit = 0;
+    for m in members.iter().take(limit) {
+        let len = member_len(m);
+        if fit > 0 && used + len > budget {
+            break;
+        }
+        used += len;
+        fit += 1;
+    }
+    reply.has_more = members.len() > fit;
+    reply.members = members;
+    reply.members.truncate(fit);
+    reply
 }
 
 impl Router {
@@ -421,17 +504,17 @@ impl Router {
                         format!("not a member of {}", list.group_id),
                     );
                 }
-                let reply = delivery::group_reply(request_id, &group);
-                if reply.encoded_len() + 64 > self.config.max_frame_bytes {
-                    return fail(
-                        ErrorCode::InvalidRequest,
-                        format!(
-                            "{} members do not fit in one frame of {} bytes",
-                            group.members.len(),
-                            self.config.max_frame_bytes
-                        ),
-                    );
-                }
+                let limit = match list.limit as usize {
+                    0 => MEMBERS_PAGE,
+                    n => n.min(MEMBERS_PAGE_MAX),
+                };
+                let reply = members_page(
+                    request_id,
+                    &group,
+                    &list.after_user_id,
+                    limit,
+                    self.config.max_frame_bytes,
+                );
                 let _ = conn.push(Frame::from(reply));
                 return Ok(());
             }
@@ -572,4 +655,103 @@ pub fn error_frame(code: ErrorCode, message: String, request_id: u64, client_msg
         client_msg_id,
         closing: code.is_closing(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use ferry_storage::Group;
+    use ferry_storage::model::GroupMeta;
+
+    use super::*;
+
+    fn group(name: &str, members: &[String]) -> Group {
+        let members: Vec<Arc<str>> = members.iter().map(|m| m.as_str().into()).collect();
+        let roles: HashMap<Arc<str>, proto::GroupRole> = members
+            .iter()
+            .map(|m| (m.clone(), proto::GroupRole::Member))
+            .collect();
+        Group {
+            id: "g".repeat(64).into(),
+            meta: GroupMeta {
+                name: name.into(),
+                owner: members[0].to_string(),
+                created_ms: 0,
+            },
+            members,
+            roles,
+        }
+    }
+
+    /// Pages through `group` and returns every page's user ids.
+    fn pages(group: &Group, limit: usize, max_frame_bytes: usize) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let reply = members_page(u64::MAX, group, &after, limit, max_frame_bytes);
+            assert!(
+                Frame::from(reply.clone()).encoded_len() <= max_frame_bytes,
+                "page of {} members over {max_frame_bytes} bytes",
+                reply.members.len()
+            );
+            let ids: Vec<String> = reply.members.iter().map(|m| m.user_id.clone()).collect();
+            assert!(
+                !(reply.has_more && ids.is_empty()),
+                "has_more with an empty page"
+            );
+            if let Some(last) = ids.last() {
+                after = last.clone();
+            }
+            out.push(ids);
+            if !reply.has_more {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn pages_cover_every_member_once_in_order() {
+        // Join order is not id order.
+        let ids: Vec<String> = (0..2500)
+            .rev()
+            .map(|i| format!("u{:0>63}", i * 7 % 2500))
+            .collect();
+        let g = group("Team", &ids);
+        let mut sorted = ids.clone();
+        sorted.sort();
+        for (limit, frame) in [(1000, 65_536), (7, 65_536), (1000, 256), (1000, 4096)] {
+            let pages = pages(&g, limit, frame);
+            assert!(pages.iter().all(|p| !p.is_empty() && p.len() <= limit));
+            assert_eq!(pages.concat(), sorted, "limit {limit}, frame {frame}");
+        }
+        // 64-byte ids: 1,000 of them do not fit in 64 KiB, so the frame cuts.
+        assert!(pages(&g, 1000, 65_536)[0].len() < 1000);
+    }
+
+    #[test]
+    fn cursor_is_exclusive_and_past_the_end_is_empty() {
+        let ids: Vec<String> = ["carol", "alice", "bob", "dave"].map(String::from).to_vec();
+        let g = group("", &ids);
+        let page = members_page(1, &g, "alice", 2, 65_536);
+        let got: Vec<&str> = page.members.iter().map(|m| m.user_id.as_str()).collect();
+        assert_eq!((got, page.has_more), (vec!["bob", "carol"], true));
+        let page = members_page(1, &g, "bob", 2, 65_536);
+        assert!(!page.has_more, "carol and dave were the last two");
+        let page = members_page(1, &g, "dave", 2, 65_536);
+        assert!(page.members.is_empty() && !page.has_more);
+        let page = members_page(1, &g, "zzz", 0, 65_536);
+        assert!(page.members.is_empty() && !page.has_more);
+    }
+
+    #[test]
+    fn a_name_that_fills_the_frame_is_left_out_rather_than_every_member() {
+        let ids = vec!["m".repeat(64), "n".repeat(64)];
+        let g = group(&"x".repeat(300), &ids);
+        let page = members_page(u64::MAX, &g, "", 1000, 256);
+        assert_eq!(page.members.len(), 1);
+        assert!(page.has_more && page.name.is_empty());
+        let page = members_page(u64::MAX, &g, "", 1000, 65_536);
+        assert_eq!((page.members.len(), page.name.len()), (2, 300));
+    }
 }

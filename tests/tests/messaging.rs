@@ -255,6 +255,7 @@ async fn group_of_three_with_one_offline_member() {
         2,
         GroupOp::ListMembers(proto::ListMembers {
             group_id: "team".into(),
+            ..Default::default()
         }),
     )
     .await
@@ -285,6 +286,238 @@ async fn group_of_three_with_one_offline_member() {
     )
     .await;
     assert_eq!(denied.unwrap_err(), ErrorCode::PermissionDenied);
+    server.stop().await;
+}
+
+/// One `list_members` page: (user ids, has_more).
+async fn members_page(
+    client: &mut Client,
+    id: u64,
+    group_id: &str,
+    after: &str,
+    limit: u32,
+) -> (Vec<String>, bool) {
+    let reply = group_request(
+        client,
+        id,
+        GroupOp::ListMembers(proto::ListMembers {
+            group_id: group_id.into(),
+            after_user_id: after.into(),
+            limit,
+        }),
+    )
+    .await
+    .unwrap_or_else(|code| panic!("list_members after {after:?}: {code:?}"));
+    assert_eq!(reply.group_id, group_id);
+    let ids = reply.members.into_iter().map(|m| m.user_id).collect();
+    (ids, reply.has_more)
+}
+
+/// Pages through a group's members as a client following the protocol
+/// does; checks each page is non-empty when `has_more` was promised and
+/// continues where the previous one stopped.
+async fn all_member_pages(client: &mut Client, group_id: &str, limit: u32) -> Vec<Vec<String>> {
+    let mut pages: Vec<Vec<String>> = Vec::new();
+    let mut after = String::new();
+    loop {
+        let id = 1000 + pages.len() as u64;
+        let (ids, has_more) = members_page(client, id, group_id, &after, limit).await;
+        assert!(
+            !(has_more && ids.is_empty()),
+            "page {} is empty but has_more",
+            pages.len()
+        );
+        if let Some(last) = ids.last() {
+            after = last.clone();
+        }
+        pages.push(ids);
+        if !has_more {
+            return pages;
+        }
+        assert!(pages.len() < 10_000, "paging does not end");
+    }
+}
+
+/// Every member once, in bytewise ascending order.
+fn assert_all_once_in_order(pages: &[Vec<String>], expected: &[String]) {
+    let listed = pages.concat();
+    assert!(
+        listed.windows(2).all(|w| w[0].as_bytes() < w[1].as_bytes()),
+        "members must come in strictly ascending user id order"
+    );
+    assert_eq!(listed.len(), expected.len());
+    assert_eq!(listed, expected);
+}
+
+#[tokio::test]
+async fn list_members_pages_through_a_group_too_big_for_one_frame() {
+    let server = TestServer::start().await;
+    let mut owner = login_synced(&server, "owner", "d").await;
+    group_request(
+        &mut owner,
+        1,
+        GroupOp::Create(proto::CreateGroup {
+            group_id: "big".into(),
+            name: "Big".into(),
+            members: Vec::new(),
+        }),
+    )
+    .await
+    .unwrap();
+    // 4,500 members: a third with short ids ("a00003"), the rest with ids
+    // of the maximum 64 bytes, which 1,000 to a page would not fit in a
+    // 64 KiB frame. As one list they take about 230 KB. Added in a
+    // scrambled order (7919 is prime to 4500), so join order is not id
+    // order.
+    const N: usize = 4500;
+    let ids: Vec<String> = (0..N)
+        .map(|k| k * 7919 % N)
+        .map(|i| match i % 3 {
+            0 => format!("a{i:05}"),
+            _ => format!("b{i:05}{}", "x".repeat(58)),
+        })
+        .collect();
+    assert!(ids.iter().all(|id| id.len() <= 64));
+    for (n, chunk) in ids.chunks(500).enumerate() {
+        group_request(
+            &mut owner,
+            10 + n as u64,
+            GroupOp::AddMembers(proto::AddMembers {
+                group_id: "big".into(),
+                members: chunk.to_vec(),
+            }),
+        )
+        .await
+        .unwrap();
+    }
+    let mut expected = ids.clone();
+    expected.push("owner".into());
+    expected.sort();
+
+    // A plain member pages with the default limit: the 1,500 short ids
+    // come first, 1,000 (the default page) to a page; then the long ones,
+    // fewer than 1,000 to a page because the frame is full.
+    let mut member = login_synced(&server, "a00000", "d").await;
+    let pages = all_member_pages(&mut member, "big", 0).await;
+    assert_all_once_in_order(&pages, &expected);
+    assert_eq!(pages[0].len(), 1000, "the default page is 1,000 members");
+    assert!(pages.iter().all(|p| p.len() <= 1000));
+    assert!(
+        pages[..pages.len() - 1].iter().any(|p| p.len() < 1000),
+        "pages of 64-byte ids are cut to fit the frame"
+    );
+    assert!(pages.len() >= 5, "{} pages", pages.len());
+
+    // A limit above the cap is reduced to it.
+    let (first, has_more) = members_page(&mut member, 2, "big", "", u32::MAX).await;
+    assert_eq!((first.len(), has_more), (1000, true));
+    assert_eq!(first, pages[0]);
+
+    // A small explicit limit: full pages but the last.
+    let pages = all_member_pages(&mut member, "big", 250).await;
+    assert_all_once_in_order(&pages, &expected);
+    assert_eq!(pages.len(), (N + 1).div_ceil(250));
+    assert!(pages[..pages.len() - 1].iter().all(|p| p.len() == 250));
+
+    // The cursor is exclusive, need not be a member, and past the end
+    // gives an empty last page.
+    let (page, _) = members_page(&mut member, 3, "big", &expected[9], 5).await;
+    assert_eq!(page, expected[10..15]);
+    let (page, _) = members_page(&mut member, 4, "big", "a00001", 2).await;
+    assert_eq!(page, ["a00003", "a00006"]);
+    let last = expected.last().unwrap();
+    assert_eq!(
+        members_page(&mut member, 5, "big", last, 0).await,
+        (Vec::new(), false)
+    );
+    assert_eq!(
+        members_page(&mut member, 6, "big", "zzz", 0).await,
+        (Vec::new(), false)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn list_members_limit_on_a_small_group() {
+    let server = TestServer::start().await;
+    let mut owner = login_synced(&server, "dave", "d").await;
+    let reply = group_request(
+        &mut owner,
+        1,
+        GroupOp::Create(proto::CreateGroup {
+            group_id: "small".into(),
+            name: "Small".into(),
+            members: ["erin", "bob", "Zed", "carol", "alice"]
+                .map(String::from)
+                .to_vec(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(!reply.has_more, "has_more is for list_members only");
+    // Bytewise: upper case sorts before lower case.
+    let expected: Vec<String> = ["Zed", "alice", "bob", "carol", "dave", "erin"]
+        .map(String::from)
+        .to_vec();
+
+    // What an old client sends (group_id alone): the first page, with
+    // roles and the group's name.
+    let list = group_request(
+        &mut owner,
+        2,
+        GroupOp::ListMembers(proto::ListMembers {
+            group_id: "small".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!((list.name.as_str(), list.has_more), ("Small", false));
+    let ids: Vec<&str> = list.members.iter().map(|m| m.user_id.as_str()).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(list.members[4].role(), proto::GroupRole::Owner);
+    assert_eq!(list.members[0].role(), proto::GroupRole::Member);
+
+    let pages = all_member_pages(&mut owner, "small", 2).await;
+    assert_eq!(
+        pages,
+        [["Zed", "alice"], ["bob", "carol"], ["dave", "erin"]]
+    );
+    assert_eq!(
+        members_page(&mut owner, 3, "small", "carol", 2).await,
+        (vec!["dave".to_string(), "erin".to_string()], false),
+        "has_more is false when the page ends exactly at the last member"
+    );
+    assert_eq!(
+        members_page(&mut owner, 4, "small", "bob", 1).await,
+        (vec!["carol".to_string()], true)
+    );
+    let pages = all_member_pages(&mut owner, "small", 1).await;
+    assert_all_once_in_order(&pages, &expected);
+    assert_eq!(pages.len(), 6);
+
+    // The documented errors are unchanged.
+    let list = |group_id: &str| {
+        GroupOp::ListMembers(proto::ListMembers {
+            group_id: group_id.into(),
+            after_user_id: "alice".into(),
+            limit: 2,
+        })
+    };
+    let mut outsider = login_synced(&server, "eve", "d").await;
+    assert_eq!(
+        group_request(&mut outsider, 5, list("small"))
+            .await
+            .unwrap_err(),
+        ErrorCode::NotAMember
+    );
+    assert_eq!(
+        group_request(&mut owner, 6, list("nope"))
+            .await
+            .unwrap_err(),
+        ErrorCode::NoSuchGroup
+    );
+    assert_alive(&mut owner).await;
     server.stop().await;
 }
 
