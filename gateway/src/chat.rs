@@ -477,6 +477,11 @@ impl Chat {
     async fn group_request(&mut self, op: GroupOp, what: &'static str) -> Result<(), ChatError> {
         let request_id = self.next_id();
         self.requests.insert(request_id, Request::Group(what));
+        self.send_group_request(request_id, op).await
+    }
+
+    /// Sends `op` as a `GroupRequest` with `request_id`.
+    async fn send_group_request(&mut self, request_id: u64, op: GroupOp) -> Result<(), ChatError> {
         self.writer
             .send(proto::GroupRequest {
                 request_id,
@@ -499,13 +504,7 @@ impl Chat {
             after_user_id,
             limit: 0,
         });
-        self.writer
-            .send(proto::GroupRequest {
-                request_id,
-                op: Some(op),
-            })
-            .await?;
-        Ok(())
+        self.send_group_request(request_id, op).await
     }
 
     /// Prints one page of a `/members` listing and asks for the next.
