@@ -1,6 +1,7 @@
 //! The ferry wire protocol.
 //!
 //! - [`proto`]: the types generated from `proto/ferry.proto` (`Frame` and every body).
+//! - [`limits`]: every size limit on client-supplied strings, in one place.
 //! - [`codec`]: the length-prefixed frame codec over `BytesMut`, with typed errors.
 //!   It does no I/O, so it is usable from any runtime and is fuzzed in isolation.
 //! - [`client`] (feature `client`, on by default): a small tokio client used by
@@ -13,6 +14,7 @@
 pub mod client;
 pub mod codec;
 mod frames;
+pub mod limits;
 
 /// The Rust types generated from `proto/ferry.proto` (package `ferry.v1`).
 #[allow(missing_docs, clippy::all)]
