@@ -12,12 +12,12 @@
 //!   [`admin`] API.
 //! - [`metrics`]: the Prometheus recorder and the gateway's counters.
 //! - [`presence`]: when offline users were last connected.
-//! - [`chat`]: `ferry chat`, the terminal client.
+//!
+//! The `ferry` binary (serve, token, chat) lives in the `cli/` crate.
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod auth;
-pub mod chat;
 pub mod config;
 mod connection;
 mod http;

@@ -4,6 +4,8 @@
 //! - `ferry token --uid U`: mint a client token with the node's secret.
 //! - `ferry chat`: a terminal client (see `ferry chat --help`).
 
+mod chat;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_gateway::auth::{
@@ -37,7 +39,7 @@ enum Command {
     ///
     /// Interactive by default (type /help). For scripts: --send TEXT (with
     /// --to or --group) waits for the ack; --recv N prints N messages.
-    Chat(ferry_gateway::chat::ChatArgs),
+    Chat(chat::ChatArgs),
 }
 
 #[derive(clap::Args)]
@@ -68,12 +70,12 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn chat(args: ferry_gateway::chat::ChatArgs) -> anyhow::Result<()> {
+fn chat(args: chat::ChatArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let result = runtime.block_on(ferry_gateway::chat::run(args));
+    let result = runtime.block_on(chat::run(args));
     // A blocking read of stdin may still be pending: do not wait for it.
     runtime.shutdown_background();
     if let Err(e) = result {

@@ -30,7 +30,7 @@ use ferry_protocol::proto::{
 use ferry_protocol::{ErrorCode, Frame};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::auth::{SecretError, TokenVerifier, load_secret};
+use ferry_gateway::auth::{SecretError, TokenVerifier, load_secret};
 
 /// Flags of `ferry chat`.
 #[derive(Debug, Clone, clap::Args)]
@@ -147,8 +147,10 @@ pub async fn run(args: ChatArgs) -> Result<(), ChatError> {
     let token = match (&args.token, &args.uid) {
         (Some(token), _) => token.clone(),
         (None, Some(uid)) => {
-            let secret = load_secret(args.jwt_secret.as_deref(), &args.data_dir)?
-                .ok_or_else(|| ChatError::NoSecret(args.data_dir.join(crate::auth::SECRET_FILE)))?;
+            let secret =
+                load_secret(args.jwt_secret.as_deref(), &args.data_dir)?.ok_or_else(|| {
+                    ChatError::NoSecret(args.data_dir.join(ferry_gateway::auth::SECRET_FILE))
+                })?;
             TokenVerifier::new(&secret).mint(uid, None, 86_400)
         }
         (None, None) => return Err(ChatError::Usage("give --token or --uid".into())),
