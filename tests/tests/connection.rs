@@ -51,6 +51,7 @@ async fn bad_tokens_are_refused_with_their_codes() {
         sub: "alice".into(),
         exp: unix_now() - 600,
         iat: None,
+        nbf: None,
         dev: None,
     });
     let mut c = server.connect().await;
