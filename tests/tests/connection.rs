@@ -184,8 +184,11 @@ async fn silent_connections_expire_and_pinging_ones_stay() {
         }
         pinging
     };
-    let (_, mut pinging) = tokio::join!(expect_closed(&mut silent), keep_alive);
-    let silent_for = started.elapsed();
+    let closed = async {
+        expect_closed(&mut silent).await;
+        started.elapsed()
+    };
+    let (silent_for, mut pinging) = tokio::join!(closed, keep_alive);
     // Never before 3 × heartbeat_secs of silence, at most about 1 s later.
     assert!(
         silent_for > Duration::from_secs(3),
