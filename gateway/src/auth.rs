@@ -318,7 +318,10 @@ mod tests {
         assert_eq!(early.code, ErrorCode::BadToken);
         assert!(early.message.contains("nbf"), "{}", early.message);
         // Within the skew, and in the past: accepted.
-        assert!(v.verify(&with_nbf(unix_now() + CLOCK_SKEW_SECS - 2)).is_ok());
+        assert!(
+            v.verify(&with_nbf(unix_now() + CLOCK_SKEW_SECS - 2))
+                .is_ok()
+        );
         assert!(v.verify(&with_nbf(unix_now() - 60)).is_ok());
     }
 

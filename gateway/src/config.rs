@@ -355,7 +355,10 @@ impl Config {
                 4 * self.max_frame_bytes as u64
             ),
         )?;
-        check(self.write_timeout_secs >= 1, "write_timeout_secs must be ≥ 1")?;
+        check(
+            self.write_timeout_secs >= 1,
+            "write_timeout_secs must be ≥ 1",
+        )?;
         check(self.max_pending_auth >= 1, "max_pending_auth must be ≥ 1")?;
         check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
         check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
@@ -453,7 +456,10 @@ mod tests {
             ..Default::default()
         };
         let err = args.resolve().unwrap_err().to_string();
-        assert!(err.contains("write_queue_bytes must be ≥ 4 × max_frame_bytes"), "{err}");
+        assert!(
+            err.contains("write_queue_bytes must be ≥ 4 × max_frame_bytes"),
+            "{err}"
+        );
         let args = ServeArgs {
             max_frame_bytes: Some(1024 * 1024),
             write_queue_bytes: Some(4 * 1024 * 1024),

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferry_protocol::proto::{self, frame::Body};
 use ferry_protocol::limits::{FRAME_HEADROOM, MAX_AUTH_FRAME_BYTES};
+use ferry_protocol::proto::{self, frame::Body};
 use ferry_protocol::{CodecError, ErrorCode, Frame, FrameCodec, LENGTH_PREFIX_BYTES};
 use ferry_router::session::{CloseReason, Conn, Outgoing, RequestSlot};
 use prost::Message;
@@ -377,12 +377,7 @@ fn reply_bytes(body: &Body, raw_len: usize, max_frame: usize) -> Option<usize> {
 
 /// Acts on one inbound frame of an authenticated connection. `slot` is the
 /// request's place (see [`reply_bytes`]), released once its reply is queued.
-async fn dispatch(
-    shared: &ServerState,
-    conn: &Arc<Conn>,
-    frame: Frame,
-    slot: Option<RequestSlot>,
-) {
+async fn dispatch(shared: &ServerState, conn: &Arc<Conn>, frame: Frame, slot: Option<RequestSlot>) {
     let Some(body) = frame.body else {
         m::frame_in("empty");
         let _ = conn.push(Frame::error(

@@ -365,12 +365,27 @@ async fn accept_loop(
     }
 }
 
+/// Unsent bytes the kernel may hold for one client socket (TCP_NOTSENT_LOWAT).
+///
+/// Without it, send-buffer autotuning lets a socket whose peer reads slowly
+/// take up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) of unsent
+/// data: kernel memory per connection, and — since a full socket becomes
+/// writable again only when a third of that has drained — write stalls of
+/// seconds on a slow but steady link, which the writer's no-progress
+/// timeout would take for a dead one. With it, the writer hears about
+/// progress every 64 KiB or so, and what waits stays in the counted,
+/// bounded outbox.
+pub const NOTSENT_LOWAT_BYTES: u32 = 128 * 1024;
+
 fn tune_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10));
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let socket = SockRef::from(stream);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT_BYTES);
 }
 
 async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode) {

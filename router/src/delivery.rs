@@ -106,7 +106,10 @@ impl Shared {
                 self.deliver_all(&fanouts);
             }
             Outcome::Recalled { msg_id, fanouts } => {
-                if let Reply::Request { conn, request_id, .. } = &reply {
+                if let Reply::Request {
+                    conn, request_id, ..
+                } = &reply
+                {
                     let _ = conn.push(Frame::from(proto::RecallAck {
                         request_id: *request_id,
                         msg_id,
@@ -119,7 +122,10 @@ impl Shared {
                 group_id,
                 fanouts,
             } => {
-                if let Reply::Request { conn, request_id, .. } = &reply {
+                if let Reply::Request {
+                    conn, request_id, ..
+                } = &reply
+                {
                     let frame = match &group {
                         Some(g) => {
                             let mut reply = group_reply(*request_id, g);
@@ -193,7 +199,9 @@ fn reply_error(reply: &Reply, code: ErrorCode, message: String) {
         } => {
             let _ = conn.push(error_frame(code, message, 0, *client_msg_id));
         }
-        Reply::Request { conn, request_id, .. } => {
+        Reply::Request {
+            conn, request_id, ..
+        } => {
             let _ = conn.push(error_frame(code, message, *request_id, 0));
         }
         Reply::None | Reply::Admin(_) => {}

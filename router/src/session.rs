@@ -72,6 +72,10 @@ pub const DEFAULT_WRITE_QUEUE_BYTES: usize = 1024 * 1024;
 /// Best-effort frames may use at most 1/`BEST_EFFORT_SHARE` of each bound.
 pub const BEST_EFFORT_SHARE: usize = 8;
 
+/// Frames reserved for the replies to one request in flight (a Send's
+/// SendAck and own copy; a GroupRequest's reply and event).
+pub const REPLY_FRAMES: usize = 2;
+
 /// Typing frames one connection may send per second; more are dropped.
 pub const TYPING_PER_SEC: u32 = 5;
 
@@ -131,6 +135,11 @@ impl OutboxLimits {
     /// which a sync pushes its next page: half the byte bound.
     pub fn watermark(&self) -> usize {
         self.bytes / 2
+    }
+
+    /// The same in frames: half the frame bound.
+    pub fn frame_watermark(&self) -> usize {
+        self.frames / 2
     }
 }
 
@@ -580,17 +589,21 @@ impl Conn {
     /// Waits until the reader may take another frame whose replies add at
     /// most `reply_bytes` to the queue (or the connection closes): fewer
     /// than [`MAX_IN_FLIGHT`] requests unanswered, and the queue plus the
-    /// replies still to come plus `reply_bytes` within the watermark. A
+    /// replies still to come plus this frame's within the watermarks, in
+    /// bytes (`reply_bytes`) and in frames ([`REPLY_FRAMES`] per request). A
     /// connection with nothing queued and nothing in flight may always go on.
     ///
     /// The reader calls this before each frame, so while it waits it reads
     /// nothing: a client that does not read its replies stops being read.
     pub async fn wait_for_room(&self, reply_bytes: usize) {
         let watermark = self.limits.watermark();
+        let frame_watermark = self.limits.frame_watermark();
         self.wait_until(|outbox| {
-            (outbox.in_flight == 0 && outbox.total.bytes == 0)
+            let frames = outbox.total.frames + REPLY_FRAMES * (outbox.in_flight as usize + 1);
+            (outbox.in_flight == 0 && outbox.total.frames == 0)
                 || (outbox.in_flight < MAX_IN_FLIGHT
-                    && outbox.total.bytes + outbox.reserved + reply_bytes <= watermark)
+                    && outbox.total.bytes + outbox.reserved + reply_bytes <= watermark
+                    && frames <= frame_watermark)
         })
         .await
     }
@@ -1034,7 +1047,10 @@ mod tests {
         }
         assert!(c.queued_bytes() <= 10_000);
         assert_eq!(c.push(big(2500)), Err(PushError::SlowConsumer));
-        assert!(c.peak_queued_bytes() <= 10_000, "the refused frame is not queued");
+        assert!(
+            c.peak_queued_bytes() <= 10_000,
+            "the refused frame is not queued"
+        );
         let drained = c.drain(usize::MAX).await;
         assert_eq!(drained.len(), 5, "4 queued + the error frame");
     }
@@ -1066,7 +1082,9 @@ mod tests {
                 ..Default::default()
             })
         };
-        let queued = (0..1000).filter(|_| c.try_push_best_effort(typing())).count();
+        let queued = (0..1000)
+            .filter(|_| c.try_push_best_effort(typing()))
+            .count();
         assert_eq!(queued, 64 / BEST_EFFORT_SHARE, "the frame share");
         // Real frames still get the whole bound.
         for _ in 0..64 {

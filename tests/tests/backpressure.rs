@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ferry_e2e::*;
-use ferry_protocol::client::Client;
 use ferry_protocol::proto::{self, frame::Body};
 use ferry_protocol::{Frame, FrameCodec};
 use ferry_router::session::Conn;
@@ -46,8 +45,9 @@ async fn registered(server: &TestServer, user: &str) -> Arc<Conn> {
 
 /// Issue #15: each Send produces a SendAck and the sender's own copy, so a
 /// client pipelining ~512 Sends used to overflow the 1,024-frame queue and
-/// be cut off with SLOW_CONSUMER while reading as fast as it could. Now the
-/// server stops reading instead: all 2,000 are acknowledged.
+/// be cut off with SLOW_CONSUMER while reading all the time (here at a
+/// phone's pace, a few thousand frames a second). Now the server stops
+/// reading instead: all 2,000 are acknowledged.
 #[tokio::test]
 async fn a_client_that_reads_is_never_cut_off_however_much_it_pipelines() {
     const SENDS: u64 = 2000;
@@ -62,9 +62,14 @@ async fn a_client_that_reads_is_never_cut_off_however_much_it_pipelines() {
         writer
     });
     let mut acked = 0;
+    let mut frames = 0u64;
     let reading = async {
         while acked < SENDS {
             let frame = reader.recv().await.expect("recv").expect("not closed");
+            frames += 1;
+            if frames % 4 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             match frame.body {
                 Some(Body::SendAck(_)) => acked += 1,
                 Some(Body::Error(e)) => {
@@ -102,10 +107,14 @@ async fn a_client_that_does_not_read_is_held_to_the_byte_bound() {
         .unwrap();
     let conn = registered(&server, "mallory").await;
     // 400 × 60 KB = 24 MB to herself, far beyond what socket buffers hold.
-    let (_mallory_reader, mut mallory_writer) = mallory.split();
+    let (mallory_reader, mut mallory_writer) = mallory.split();
     let flood = tokio::spawn(async move {
         for cid in 1..=400 {
-            if mallory_writer.send(send("mallory", cid, 60_000)).await.is_err() {
+            if mallory_writer
+                .send(send("mallory", cid, 60_000))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -136,36 +145,51 @@ async fn a_client_that_does_not_read_is_held_to_the_byte_bound() {
         "queued {} bytes, bound {BOUND}",
         conn.peak_queued_bytes()
     );
-    assert!(!conn.is_closing(), "her own replies never overflow her queue");
+    assert!(
+        !conn.is_closing(),
+        "her own replies never overflow her queue"
+    );
     flood.abort();
+    let _ = flood.await;
+    drop(mallory_reader);
     server.stop().await;
 }
 
 /// Issue #10: the write timeout used to cover a whole drained batch, so a
 /// slow link receiving a large sync was cut after 10 s however steadily it
 /// read. Now only a write that makes no progress times out: a client reading
-/// 64 KiB every 50 ms gets a 3 MB sync with a 1 s write timeout.
+/// 64 KiB every 50 ms gets an 8 MB sync with a 1 s write timeout (the
+/// kernel's socket buffers, up to 4 MB here, hide smaller ones).
 #[tokio::test]
 async fn a_slow_but_steady_reader_gets_a_sync_larger_than_the_write_timeout() {
-    const MESSAGES: u64 = 150;
+    const MESSAGES: u64 = 400;
     const BODY: usize = 20_000;
     let server = TestServer::start_with(|c| {
         c.write_timeout_secs = 1;
         c.max_frames_per_sec = 1_000_000;
     })
     .await;
-    // Alice's inbox: 3 MB while she is offline.
-    let mut bob = server.login("bob", "phone").await;
-    for cid in 1..=MESSAGES {
-        bob.feed(send("alice", cid, BODY)).await.unwrap();
-    }
-    bob.flush().await.unwrap();
+    // Alice's inbox: 8 MB while she is offline. Bob reads while he sends
+    // (his own copies come back to him).
+    let (mut bob_reader, mut bob_writer) = server.login("bob", "phone").await.split();
+    let sending = tokio::spawn(async move {
+        for cid in 1..=MESSAGES {
+            bob_writer.feed(send("alice", cid, BODY)).await.unwrap();
+        }
+        bob_writer.flush().await.unwrap();
+        bob_writer
+    });
     let mut acks = 0;
     while acks < MESSAGES {
-        if let Body::SendAck(_) = within(bob.recv_frame()).await.unwrap() {
+        let frame = within(bob_reader.recv())
+            .await
+            .unwrap()
+            .expect("bob connected");
+        if let Some(Body::SendAck(_)) = frame.body {
             acks += 1;
         }
     }
+    let _bob_writer = within(sending).await.unwrap();
 
     // Alice logs in with a small window and reads slowly through the sync.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -212,8 +236,9 @@ async fn a_slow_but_steady_reader_gets_a_sync_larger_than_the_write_timeout() {
 
 /// Issue #5: Typing frames used to fill a victim's queue, and the next real
 /// message then closed the victim with SLOW_CONSUMER. Now a sender's Typing
-/// is rate-limited and best-effort frames use only a share of the queue: a
-/// flood never gets the victim closed, and the next message arrives.
+/// is rate-limited and best-effort frames use only a share of the queue, not
+/// counted against real frames: a flood never gets the victim closed, and
+/// the next message arrives.
 #[tokio::test]
 async fn a_typing_flood_never_gets_the_victim_disconnected() {
     let server = TestServer::start_with(|c| {
@@ -227,8 +252,29 @@ async fn a_typing_flood_never_gets_the_victim_disconnected() {
         .await
         .unwrap();
     let conn = registered(&server, "victim").await;
+    // Bob's messages fill the victim's socket buffers until the server's
+    // queue for the victim starts holding frames (a phone in a tunnel).
+    let mut bob = server.login("bob", "phone").await;
+    let mut cid = 0;
+    within(async {
+        while conn.queued() == 0 {
+            cid += 1;
+            bob.send(send("victim", cid, 20_000)).await.unwrap();
+            loop {
+                match bob.recv_frame().await.unwrap() {
+                    Body::SendAck(_) => break,
+                    Body::Error(e) => panic!("{:?}", e.code()),
+                    _ => continue,
+                }
+            }
+            // Give the victim's writer the moment it needs to hand the
+            // entry to the socket, if the socket takes it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let mut attacker = server.login("mallory", "phone").await;
-    for _ in 0..40_000 {
+    for _ in 0..20_000 {
         attacker
             .feed(proto::Typing {
                 conversation: direct("victim"),
@@ -243,17 +289,25 @@ async fn a_typing_flood_never_gets_the_victim_disconnected() {
     assert_alive(&mut attacker).await;
     assert!(!conn.is_closing(), "typing alone must not close the victim");
 
-    let mut bob = server.login("bob", "phone").await;
-    bob.send(send("victim", 1, 100)).await.unwrap();
+    cid += 1;
+    bob.send(send("victim", cid, 100)).await.unwrap();
     loop {
         if let Body::SendAck(_) = within(bob.recv_frame()).await.unwrap() {
             break;
         }
     }
-    // Now the victim reads: bob's message is there, and no error.
-    loop {
-        match within(victim.recv_frame()).await.expect("victim still connected") {
-            Body::Deliver(d) if d.from == "bob" => break,
+    assert!(
+        !conn.is_closing(),
+        "a real message after the flood is queued"
+    );
+    // Now the victim reads: every message of bob's is there, and no error.
+    let mut from_bob = 0;
+    while from_bob < cid {
+        match within(victim.recv_frame())
+            .await
+            .expect("victim still connected")
+        {
+            Body::Deliver(d) if d.from == "bob" => from_bob += 1,
             Body::Error(e) => panic!("victim got {:?}: {}", e.code(), e.message),
             Body::Typing(_) | Body::SyncBatch(_) => continue,
             other => panic!("unexpected {}", other.kind_name()),
