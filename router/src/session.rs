@@ -1154,6 +1154,28 @@ mod tests {
         assert!(futures_poll(&mut wait).is_ready());
     }
 
+    #[tokio::test]
+    async fn the_reader_also_waits_on_queued_frames() {
+        let c = limited(64, 1 << 20);
+        for _ in 0..28 {
+            c.push(Frame::from(proto::Ping { nonce: 1 })).unwrap();
+        }
+        // 28 queued + 2 for this request = 30 ≤ 32: room.
+        c.wait_for_room(10).await;
+        let slot = c.begin_request(10);
+        // 28 + 2 × 2 = 32: still room; with two in flight, no more.
+        c.wait_for_room(10).await;
+        let slot2 = c.begin_request(10);
+        let wait = c.wait_for_room(10);
+        tokio::pin!(wait);
+        assert!(
+            futures_poll(&mut wait).is_pending(),
+            "28 + 2 × 3 > 32 frames"
+        );
+        drop((slot, slot2));
+        assert!(futures_poll(&mut wait).is_ready());
+    }
+
     /// Polls `f` once.
     fn futures_poll<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
         let waker = std::task::Waker::noop();

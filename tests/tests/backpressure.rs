@@ -67,7 +67,7 @@ async fn a_client_that_reads_is_never_cut_off_however_much_it_pipelines() {
         while acked < SENDS {
             let frame = reader.recv().await.expect("recv").expect("not closed");
             frames += 1;
-            if frames % 4 == 0 {
+            if frames.is_multiple_of(4) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             match frame.body {
