@@ -14,8 +14,8 @@ use ferry_protocol::ErrorCode;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
-/// Longest user or device id, in bytes.
-pub const MAX_ID_BYTES: usize = 64;
+/// Longest user or device id, in bytes (the protocol's one limit on ids).
+pub use ferry_protocol::limits::MAX_ID_BYTES;
 
 /// Clock skew allowed between the token's minter and this server, on `exp`
 /// and `nbf`.
