@@ -334,12 +334,19 @@ async fn read_loop(
                 .body
                 .as_ref()
                 .and_then(|body| reply_bytes(body, raw_len, max_frame));
-            conn.wait_for_room(reply.unwrap_or(SMALL_REPLY)).await;
+            let reply_room = reply.unwrap_or(SMALL_REPLY);
+            if !conn.has_room(reply_room) {
+                // Boxed: rare, and inline it would grow every idle
+                // connection's task by its size.
+                Box::pin(conn.wait_for_room(reply_room)).await;
+            }
             if conn.is_closing() {
                 return Ok(());
             }
             let slot = reply.map(|bytes| conn.begin_request(bytes));
-            dispatch(shared, conn, frame, slot).await;
+            if let Some(request) = dispatch(shared, conn, frame, slot) {
+                request.await;
+            }
         }
         if buf.is_empty() {
             // Give the allocation back: idle connections hold no read buffer.
@@ -375,16 +382,28 @@ fn reply_bytes(body: &Body, raw_len: usize, max_frame: usize) -> Option<usize> {
     }
 }
 
-/// Acts on one inbound frame of an authenticated connection. `slot` is the
-/// request's place (see [`reply_bytes`]), released once its reply is queued.
-async fn dispatch(shared: &ServerState, conn: &Arc<Conn>, frame: Frame, slot: Option<RequestSlot>) {
+/// A request being handled by the router, boxed: the request futures are
+/// large, and inlining them would grow every idle connection's task by
+/// their size.
+type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Acts on one inbound frame of an authenticated connection: answers it
+/// right away, or returns the router's handling of it, to be awaited.
+/// `slot` is the request's place (see [`reply_bytes`]), released once its
+/// reply is queued.
+fn dispatch<'a>(
+    shared: &'a ServerState,
+    conn: &'a Arc<Conn>,
+    frame: Frame,
+    slot: Option<RequestSlot>,
+) -> Option<Handling<'a>> {
     let Some(body) = frame.body else {
         m::frame_in("empty");
         let _ = conn.push(Frame::error(
             ErrorCode::UnexpectedFrame,
             "frame has no body (unknown frame kind?)",
         ));
-        return;
+        return None;
     };
     m::frame_in(body.kind_name());
     match body {
@@ -407,9 +426,7 @@ async fn dispatch(shared: &ServerState, conn: &Arc<Conn>, frame: Frame, slot: Op
         | Body::Read(_)
         | Body::Typing(_)
         | Body::GroupRequest(_)
-        // Boxed: the request futures are large, and inlining them would
-        // grow every idle connection's task by their size.
-        | Body::History(_)) => Box::pin(shared.router.handle(conn, body, slot)).await,
+        | Body::History(_)) => return Some(Box::pin(shared.router.handle(conn, body, slot))),
         other => {
             let _ = conn.push(Frame::error(
                 ErrorCode::UnexpectedFrame,
@@ -417,6 +434,7 @@ async fn dispatch(shared: &ServerState, conn: &Arc<Conn>, frame: Frame, slot: Op
             ));
         }
     }
+    None
 }
 
 /// Drains the outbox into the socket, [`WRITE_CHUNK`] bytes at a time,

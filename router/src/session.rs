@@ -596,16 +596,23 @@ impl Conn {
     /// The reader calls this before each frame, so while it waits it reads
     /// nothing: a client that does not read its replies stops being read.
     pub async fn wait_for_room(&self, reply_bytes: usize) {
-        let watermark = self.limits.watermark();
-        let frame_watermark = self.limits.frame_watermark();
-        self.wait_until(|outbox| {
-            let frames = outbox.total.frames + REPLY_FRAMES * (outbox.in_flight as usize + 1);
-            (outbox.in_flight == 0 && outbox.total.frames == 0)
-                || (outbox.in_flight < MAX_IN_FLIGHT
-                    && outbox.total.bytes + outbox.reserved + reply_bytes <= watermark
-                    && frames <= frame_watermark)
-        })
-        .await
+        self.wait_until(|outbox| self.room_locked(outbox, reply_bytes))
+            .await
+    }
+
+    /// Whether [`Conn::wait_for_room`] would return at once: the reader's
+    /// fast path, which needs no future.
+    pub fn has_room(&self, reply_bytes: usize) -> bool {
+        let outbox = self.lock();
+        outbox.closing.is_some() || self.room_locked(&outbox, reply_bytes)
+    }
+
+    fn room_locked(&self, outbox: &Outbox, reply_bytes: usize) -> bool {
+        let frames = outbox.total.frames + REPLY_FRAMES * (outbox.in_flight as usize + 1);
+        (outbox.in_flight == 0 && outbox.total.frames == 0)
+            || (outbox.in_flight < MAX_IN_FLIGHT
+                && outbox.total.bytes + outbox.reserved + reply_bytes <= self.limits.watermark()
+                && frames <= self.limits.frame_watermark())
     }
 
     async fn wait_until(&self, ready: impl Fn(&Outbox) -> bool) {
