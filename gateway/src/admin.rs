@@ -51,7 +51,7 @@ use tracing::{debug, info};
 
 use crate::auth::MAX_ID_BYTES;
 use crate::metrics as m;
-use crate::server::Shared;
+use crate::server::ServerState;
 
 /// Default page of the member list.
 pub const MEMBERS_PAGE: usize = 100;
@@ -92,7 +92,7 @@ impl AdminToken {
 /// What the admin handlers work with.
 #[derive(Clone)]
 pub(crate) struct AdminState {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<ServerState>,
     /// `None`: no token configured, every call is refused.
     pub token: Option<Arc<AdminToken>>,
 }

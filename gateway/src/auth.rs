@@ -14,8 +14,12 @@ use ferry_protocol::ErrorCode;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
-/// Longest user or device id, in bytes.
-pub const MAX_ID_BYTES: usize = 64;
+/// Longest user or device id, in bytes (the protocol's one limit on ids).
+pub use ferry_protocol::limits::MAX_ID_BYTES;
+
+/// Clock skew allowed between the token's minter and this server, on `exp`
+/// and `nbf`.
+pub const CLOCK_SKEW_SECS: u64 = 5;
 
 /// File name of the generated secret inside the data dir.
 pub const SECRET_FILE: &str = "jwt.secret";
@@ -33,6 +37,10 @@ pub struct Claims {
     /// Issued at, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Not before, seconds since the Unix epoch: the token is refused
+    /// until then (less the allowed clock skew).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// When present, the token is only valid for this device id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev: Option<String>,
@@ -103,7 +111,9 @@ impl TokenVerifier {
         validation.set_required_spec_claims(&["exp", "sub"]);
         // Tokens are minted by app backends whose clocks are NTP-synced with
         // ours; a little leeway absorbs the rest without extending tokens much.
-        validation.leeway = 5;
+        // The same leeway applies to `exp` and, when present, `nbf`.
+        validation.leeway = CLOCK_SKEW_SECS;
+        validation.validate_nbf = true;
         TokenVerifier {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
@@ -116,6 +126,9 @@ impl TokenVerifier {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => reject(ErrorCode::TokenExpired, "token expired"),
+                ErrorKind::ImmatureSignature => {
+                    reject(ErrorCode::BadToken, "token not valid yet (nbf)")
+                }
                 ErrorKind::InvalidSignature => reject(ErrorCode::BadToken, "bad token signature"),
                 _ => reject(ErrorCode::BadToken, format!("bad token: {e}")),
             })?;
@@ -136,6 +149,7 @@ impl TokenVerifier {
             sub: user.to_owned(),
             exp: now + ttl_secs,
             iat: Some(now),
+            nbf: None,
             dev: device.map(str::to_owned),
         };
         self.mint_claims(&claims)
@@ -278,6 +292,7 @@ mod tests {
             sub: "alice".into(),
             exp: unix_now() - 3600,
             iat: None,
+            nbf: None,
             dev: None,
         });
         assert_eq!(
@@ -285,6 +300,29 @@ mod tests {
             ErrorCode::TokenExpired
         );
         assert_eq!(v.verify("not a jwt").unwrap_err().code, ErrorCode::BadToken);
+    }
+
+    #[test]
+    fn not_before_is_honoured_with_the_clock_skew() {
+        let v = TokenVerifier::new(b"0123456789abcdef0123456789abcdef");
+        let with_nbf = |nbf: u64| {
+            v.mint_claims(&Claims {
+                sub: "alice".into(),
+                exp: unix_now() + 3600,
+                iat: None,
+                nbf: Some(nbf),
+                dev: None,
+            })
+        };
+        let early = v.verify(&with_nbf(unix_now() + 60)).unwrap_err();
+        assert_eq!(early.code, ErrorCode::BadToken);
+        assert!(early.message.contains("nbf"), "{}", early.message);
+        // Within the skew, and in the past: accepted.
+        assert!(
+            v.verify(&with_nbf(unix_now() + CLOCK_SKEW_SECS - 2))
+                .is_ok()
+        );
+        assert!(v.verify(&with_nbf(unix_now() - 60)).is_ok());
     }
 
     #[test]

@@ -58,6 +58,17 @@ pub struct Config {
     pub max_frames_per_sec: u32,
     /// Frames queued for one connection; more closes it with SLOW_CONSUMER.
     pub write_queue_frames: u32,
+    /// Encoded bytes queued for one connection; more closes it with
+    /// SLOW_CONSUMER. Half of it is the level above which the server stops
+    /// reading the connection's requests (back-pressure).
+    pub write_queue_bytes: u32,
+    /// Seconds a write to a client may make no progress at all before the
+    /// connection is dropped.
+    pub write_timeout_secs: u32,
+    /// Connections that may be between accept and a valid Auth at once;
+    /// more are refused with TOO_MANY_CONNECTIONS, so unauthenticated
+    /// sockets can never take every slot.
+    pub max_pending_auth: u32,
     /// HS256 secret for client JWTs. When unset, `<data_dir>/jwt.secret`
     /// is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,6 +103,9 @@ impl Default for Config {
             max_connections: 100_000,
             max_frames_per_sec: 1000,
             write_queue_frames: 1024,
+            write_queue_bytes: 1024 * 1024,
+            write_timeout_secs: 10,
+            max_pending_auth: 1024,
             jwt_secret: None,
             admin_token: None,
             shutdown_timeout_secs: 10,
@@ -145,6 +159,15 @@ pub struct ServeArgs {
     /// Outgoing frames queued per connection; more → SLOW_CONSUMER and close [default: 1024].
     #[arg(long, env = "FERRY_WRITE_QUEUE_FRAMES")]
     pub write_queue_frames: Option<u32>,
+    /// Outgoing bytes queued per connection; more → SLOW_CONSUMER and close; above half of it the server stops reading the connection's requests [default: 1048576].
+    #[arg(long, env = "FERRY_WRITE_QUEUE_BYTES")]
+    pub write_queue_bytes: Option<u32>,
+    /// Seconds a write to a client may make no progress before the connection is dropped [default: 10].
+    #[arg(long, env = "FERRY_WRITE_TIMEOUT_SECS")]
+    pub write_timeout_secs: Option<u32>,
+    /// Connections between accept and a valid Auth at once; more → TOO_MANY_CONNECTIONS [default: 1024].
+    #[arg(long, env = "FERRY_MAX_PENDING_AUTH")]
+    pub max_pending_auth: Option<u32>,
     /// HS256 secret for client tokens [default: <data-dir>/jwt.secret, created on first start].
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -235,6 +258,9 @@ impl ServeArgs {
             max_connections,
             max_frames_per_sec,
             write_queue_frames,
+            write_queue_bytes,
+            write_timeout_secs,
+            max_pending_auth,
             shutdown_timeout_secs,
             durability,
             retention_days,
@@ -262,6 +288,14 @@ impl Config {
         ferry_storage::StorageOptions {
             retention_days: self.retention_days,
             max_open_files: STORAGE_MAX_OPEN_FILES,
+        }
+    }
+
+    /// The bounds of one connection's outbox.
+    pub fn outbox_limits(&self) -> ferry_router::session::OutboxLimits {
+        ferry_router::session::OutboxLimits {
+            frames: self.write_queue_frames as usize,
+            bytes: self.write_queue_bytes as usize,
         }
     }
 
@@ -294,9 +328,15 @@ impl Config {
         check(self.heartbeat_secs >= 1, "heartbeat_secs must be ≥ 1")?;
         check(self.heartbeat_secs <= 3600, "heartbeat_secs must be ≤ 3600")?;
         check(self.auth_timeout_secs >= 1, "auth_timeout_secs must be ≥ 1")?;
+        let min_frame = ferry_protocol::limits::MIN_MAX_FRAME_BYTES;
+        let frame_range = min_frame as u32..=16 * 1024 * 1024;
         check(
-            (256..=16 * 1024 * 1024).contains(&self.max_frame_bytes),
-            "max_frame_bytes must be in 256..=16777216",
+            frame_range.contains(&self.max_frame_bytes),
+            &format!(
+                "max_frame_bytes must be in {min_frame}..=16777216 (got {}): smaller frames \
+                 leave no room for an Auth frame or a Send's content",
+                self.max_frame_bytes
+            ),
         )?;
         check(self.max_connections >= 1, "max_connections must be ≥ 1")?;
         check(
@@ -307,6 +347,19 @@ impl Config {
             self.write_queue_frames >= 16,
             "write_queue_frames must be ≥ 16",
         )?;
+        check(
+            self.write_queue_bytes as u64 >= 4 * self.max_frame_bytes as u64,
+            &format!(
+                "write_queue_bytes must be ≥ 4 × max_frame_bytes = {} (room for a request's \
+                 replies above the back-pressure level, half of it)",
+                4 * self.max_frame_bytes as u64
+            ),
+        )?;
+        check(
+            self.write_timeout_secs >= 1,
+            "write_timeout_secs must be ≥ 1",
+        )?;
+        check(self.max_pending_auth >= 1, "max_pending_auth must be ≥ 1")?;
         check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
         check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
         if let Some(secret) = &self.jwt_secret {
@@ -377,6 +430,42 @@ mod tests {
         let text = args.resolve().unwrap().to_toml();
         assert!(text.contains("admin_token = \"<redacted>\""), "{text}");
         assert!(!text.contains("a-long-enough-admin-token"));
+    }
+
+    #[test]
+    fn frames_too_small_for_a_send_are_refused_at_start() {
+        for bytes in [256, 1023, 1024, 2047] {
+            let args = ServeArgs {
+                max_frame_bytes: Some(bytes),
+                ..Default::default()
+            };
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains("max_frame_bytes must be in 2048..="), "{err}");
+        }
+        let args = ServeArgs {
+            max_frame_bytes: Some(2048),
+            ..Default::default()
+        };
+        assert_eq!(args.resolve().unwrap().max_frame_bytes, 2048);
+    }
+
+    #[test]
+    fn the_byte_queue_must_hold_four_frames() {
+        let args = ServeArgs {
+            max_frame_bytes: Some(1024 * 1024),
+            ..Default::default()
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("write_queue_bytes must be ≥ 4 × max_frame_bytes"),
+            "{err}"
+        );
+        let args = ServeArgs {
+            max_frame_bytes: Some(1024 * 1024),
+            write_queue_bytes: Some(4 * 1024 * 1024),
+            ..Default::default()
+        };
+        assert!(args.resolve().is_ok());
     }
 
     #[test]

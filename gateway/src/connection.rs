@@ -7,10 +7,21 @@
 //! ```
 //!
 //! Before auth the connection writes directly (it has nothing else to say
-//! but AuthOk or one Error). After auth, everything it sends goes through the
-//! [`Conn`] outbox, drained by a writer task into one buffered write per
-//! wake-up. Read and write buffers are dropped whenever they are empty, so an
-//! idle connection holds no buffer memory.
+//! but AuthOk or one Error), and reads one frame of at most
+//! [`MAX_AUTH_FRAME_BYTES`]: an unauthenticated peer makes the server buffer
+//! no more than that, and holds one of the `max_pending_auth` places besides
+//! its connection slot. After auth, everything it sends goes through the
+//! [`Conn`] outbox, drained by a writer task in chunks of [`WRITE_CHUNK`]
+//! bytes, one buffered write each. Read and write buffers are dropped
+//! whenever they are empty, so an idle connection holds no buffer memory.
+//!
+//! Back-pressure: before each inbound frame the reader waits for room in the
+//! outbox ([`Conn::wait_for_room`]) and takes a [`RequestSlot`] for each
+//! request that gets a reply, passing it to the router, which drops it once
+//! the reply is queued. A client that pipelines more than it reads is simply
+//! read more slowly; it is never cut off for the replies to its own requests.
+//! A write that makes no progress at all for `write_timeout_secs` drops the
+//! connection; a slow but moving one is never cut.
 //!
 //! Every server-initiated close sends its reason first, half-closes, and then
 //! reads and discards whatever the client still sends for a moment
@@ -21,9 +32,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_protocol::limits::{FRAME_HEADROOM, MAX_AUTH_FRAME_BYTES};
 use ferry_protocol::proto::{self, frame::Body};
-use ferry_protocol::{CodecError, ErrorCode, Frame, FrameCodec};
-use ferry_router::session::{CloseReason, Conn, Outgoing};
+use ferry_protocol::{CodecError, ErrorCode, Frame, FrameCodec, LENGTH_PREFIX_BYTES};
+use ferry_router::session::{CloseReason, Conn, Outgoing, RequestSlot};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -32,12 +44,19 @@ use tracing::{debug, info};
 
 use crate::auth::MAX_ID_BYTES;
 use crate::metrics as m;
-use crate::server::Shared;
+use crate::server::{PendingAuth, ServerState};
 
 /// Bytes read per read call when nothing larger is pending.
 const READ_CHUNK: usize = 4096;
-/// How long a writer may be stuck on a client that does not read.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most encoded bytes the writer takes from the outbox for one write (plus
+/// at most one frame): a slow link is fed in pieces, and what is not taken
+/// stays queued, counted against the connection's byte bound.
+pub const WRITE_CHUNK: usize = 256 * 1024;
+/// How long the pre-auth goodbye (one Error frame) may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reply room reserved for a frame that is not a request with a reply
+/// (a Pong, or an Error answering a bad frame).
+const SMALL_REPLY: usize = 256;
 /// How long a closing connection keeps draining input before dropping.
 const LINGER: Duration = Duration::from_millis(500);
 /// Most bytes a lingering close reads before giving up.
@@ -48,13 +67,16 @@ const LINGER_MAX_BYTES: usize = 256 * 1024;
 /// Logs carry the connection's fields explicitly rather than through a
 /// span: a span lives as long as the connection and costs several hundred
 /// bytes per idle connection in the subscriber's registry.
-pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: PendingAuth) {
     let peer = stream.peer_addr().ok();
     let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
     let (mut read, mut write) = stream.into_split();
     let mut buf = BytesMut::new();
 
-    let auth = match read_auth(&shared, &codec, &mut read, &mut buf).await {
+    let auth = read_auth(&shared, &mut read, &mut buf).await;
+    // Authenticated or not, it no longer waits for auth.
+    drop(pending);
+    let auth = match auth {
         Ok(auth) => auth,
         Err(AuthFailure::Gone) => {
             debug!(?peer, "closed before auth");
@@ -69,11 +91,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         }
     };
 
-    let conn = Conn::new(
+    // The id is taken after the token is verified, so ids order
+    // connections by when they authenticated: the registry keeps the newest.
+    let conn = Conn::with_limits(
         shared.router.sessions().next_conn_id(),
         auth.user.as_str().into(),
         auth.device.as_str().into(),
-        shared.config.write_queue_frames as usize,
+        shared.config.outbox_limits(),
     );
     conn.touch(shared.clock.now());
 
@@ -109,7 +133,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, stream: TcpStream) {
         conn.kick(ErrorCode::ShuttingDown, "server shutting down");
     }
 
-    let writer = tokio::spawn(write_loop(conn.clone(), codec, write));
+    let write_timeout = Duration::from_secs(shared.config.write_timeout_secs as u64);
+    let writer = tokio::spawn(write_loop(conn.clone(), codec, write, write_timeout));
     let read_result = read_loop(&shared, &conn, &codec, &mut read, buf).await;
     let (reason, last_frame) = match read_result {
         Ok(()) => (CloseReason::Disconnected, None),
@@ -145,16 +170,18 @@ enum AuthFailure {
     Reject(ErrorCode, String),
 }
 
-/// Reads and verifies the first frame, within the auth timeout.
+/// Reads and verifies the first frame, within the auth timeout. The frame
+/// may be at most [`MAX_AUTH_FRAME_BYTES`] (or the frame size, if smaller):
+/// a longer length prefix is refused before any of it is buffered.
 async fn read_auth(
-    shared: &Shared,
-    codec: &FrameCodec,
+    shared: &ServerState,
     read: &mut OwnedReadHalf,
     buf: &mut BytesMut,
 ) -> Result<AuthRequest, AuthFailure> {
+    let codec = FrameCodec::new(MAX_AUTH_FRAME_BYTES.min(shared.config.max_frame_bytes as usize));
     let timeout = Duration::from_secs(shared.config.auth_timeout_secs as u64);
     let first = tokio::select! {
-        r = tokio::time::timeout(timeout, read_frame(codec, read, buf)) => r,
+        r = tokio::time::timeout(timeout, read_frame(&codec, read, buf)) => r,
         _ = shared.shutdown.cancelled() => {
             return Err(AuthFailure::Reject(ErrorCode::ShuttingDown, "server shutting down".into()));
         }
@@ -263,7 +290,7 @@ type CloseWith = (ErrorCode, String);
 /// Reads frames until the peer leaves, the connection is closed elsewhere,
 /// or the client breaks a rule (returned as the code to close with).
 async fn read_loop(
-    shared: &Shared,
+    shared: &ServerState,
     conn: &Arc<Conn>,
     codec: &FrameCodec,
     read: &mut OwnedReadHalf,
@@ -296,10 +323,30 @@ async fn read_loop(
                     format!("more than {max_per_sec} frames per second"),
                 ));
             }
-            m::bytes_in(raw.len() + ferry_protocol::LENGTH_PREFIX_BYTES);
+            let raw_len = raw.len();
+            m::bytes_in(raw_len + LENGTH_PREFIX_BYTES);
             let frame = Frame::decode(raw)
                 .map_err(|e| (ErrorCode::MalformedFrame, format!("malformed frame: {e}")))?;
-            dispatch(shared, conn, frame).await;
+            // Back-pressure: take nothing more while the client leaves its
+            // replies unread. Nothing is read from the socket meanwhile.
+            let max_frame = shared.config.max_frame_bytes as usize;
+            let reply = frame
+                .body
+                .as_ref()
+                .and_then(|body| reply_bytes(body, raw_len, max_frame));
+            let reply_room = reply.unwrap_or(SMALL_REPLY);
+            if !conn.has_room(reply_room) {
+                // Boxed: rare, and inline it would grow every idle
+                // connection's task by its size.
+                Box::pin(conn.wait_for_room(reply_room)).await;
+            }
+            if conn.is_closing() {
+                return Ok(());
+            }
+            let slot = reply.map(|bytes| conn.begin_request(bytes));
+            if let Some(request) = dispatch(shared, conn, frame, slot) {
+                request.await;
+            }
         }
         if buf.is_empty() {
             // Give the allocation back: idle connections hold no read buffer.
@@ -316,15 +363,47 @@ async fn read_loop(
     }
 }
 
-/// Acts on one inbound frame of an authenticated connection.
-async fn dispatch(shared: &Shared, conn: &Arc<Conn>, frame: Frame) {
+/// The most bytes the replies to request `body` (of `raw_len` bytes) add to
+/// the requester's own queue, or `None` when it is not a request with a
+/// reply (and so takes no [`RequestSlot`]).
+fn reply_bytes(body: &Body, raw_len: usize, max_frame: usize) -> Option<usize> {
+    let frame = max_frame + LENGTH_PREFIX_BYTES;
+    match body {
+        // The SendAck, and the sender's own copy: the Send's content plus
+        // what the server adds around it (FRAME_HEADROOM covers that).
+        Body::Send(_) => Some(raw_len + FRAME_HEADROOM + SMALL_REPLY),
+        // The RecallAck and the recall event in the sender's own inbox.
+        Body::Recall(_) => Some(2 * FRAME_HEADROOM),
+        // One page.
+        Body::Sync(_) | Body::History(_) => Some(frame),
+        // The GroupReply and the event in the requester's own inbox.
+        Body::GroupRequest(_) => Some(2 * frame),
+        _ => None,
+    }
+}
+
+/// A request being handled by the router, boxed: the request futures are
+/// large, and inlining them would grow every idle connection's task by
+/// their size.
+type Handling<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Acts on one inbound frame of an authenticated connection: answers it
+/// right away, or returns the router's handling of it, to be awaited.
+/// `slot` is the request's place (see [`reply_bytes`]), released once its
+/// reply is queued.
+fn dispatch<'a>(
+    shared: &'a ServerState,
+    conn: &'a Arc<Conn>,
+    frame: Frame,
+    slot: Option<RequestSlot>,
+) -> Option<Handling<'a>> {
     let Some(body) = frame.body else {
         m::frame_in("empty");
         let _ = conn.push(Frame::error(
             ErrorCode::UnexpectedFrame,
             "frame has no body (unknown frame kind?)",
         ));
-        return;
+        return None;
     };
     m::frame_in(body.kind_name());
     match body {
@@ -347,9 +426,7 @@ async fn dispatch(shared: &Shared, conn: &Arc<Conn>, frame: Frame) {
         | Body::Read(_)
         | Body::Typing(_)
         | Body::GroupRequest(_)
-        // Boxed: the request futures are large, and inlining them would
-        // grow every idle connection's task by their size.
-        | Body::History(_)) => Box::pin(shared.router.handle(conn, body)).await,
+        | Body::History(_)) => return Some(Box::pin(shared.router.handle(conn, body, slot))),
         other => {
             let _ = conn.push(Frame::error(
                 ErrorCode::UnexpectedFrame,
@@ -357,20 +434,25 @@ async fn dispatch(shared: &Shared, conn: &Arc<Conn>, frame: Frame) {
             ));
         }
     }
+    None
 }
 
-/// Drains the outbox into the socket until the connection closes. Returns
-/// the write half (for the lingering close) and why it closed.
+/// Drains the outbox into the socket, [`WRITE_CHUNK`] bytes at a time,
+/// until the connection closes. Returns the write half (for the lingering
+/// close) and why it closed. A write that makes no progress for
+/// `write_timeout` drops the connection.
 async fn write_loop(
     conn: Arc<Conn>,
     codec: FrameCodec,
     mut write: OwnedWriteHalf,
+    write_timeout: Duration,
 ) -> Option<(OwnedWriteHalf, CloseReason)> {
     let mut out = BytesMut::new();
     loop {
-        let drained = conn.drain().await;
+        let drained = conn.drain(WRITE_CHUNK).await;
+        let closing = drained.closing;
         let mut unencodable = None;
-        for item in drained.frames {
+        for item in drained.frames() {
             let result = match item {
                 Outgoing::Frame(frame) => {
                     m::frame_out(frame.kind_name());
@@ -383,10 +465,13 @@ async fn write_loop(
                     out.extend_from_slice(&bytes);
                     Ok(())
                 }
-                Outgoing::Entry { seq, shared } => {
+                Outgoing::Entry {
+                    seq,
+                    deliver_without_seq,
+                } => {
                     m::frame_out("deliver");
                     codec
-                        .encode_entry(seq, &shared, &mut out)
+                        .encode_entry(seq, &deliver_without_seq, &mut out)
                         .map_err(|e| format!("entry {seq}: {e}"))
                 }
             };
@@ -411,12 +496,12 @@ async fn write_loop(
         }
         if !out.is_empty() {
             m::bytes_out(out.len());
-            match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    conn.close(CloseReason::Disconnected, None);
-                    return None;
-                }
+            if write_with_progress(&mut write, &out, write_timeout)
+                .await
+                .is_err()
+            {
+                conn.close(CloseReason::Disconnected, None);
+                return None;
             }
             // Keep a modest buffer while busy; give a big one back.
             if out.capacity() > 64 * 1024 {
@@ -425,7 +510,7 @@ async fn write_loop(
                 out.clear();
             }
         }
-        if let Some(reason) = drained.closing {
+        if let Some(reason) = closing {
             let _ = write.shutdown().await;
             return Some((write, reason));
         }
@@ -433,6 +518,25 @@ async fn write_loop(
             out = BytesMut::new();
         }
     }
+}
+
+/// Writes all of `buf`, failing only when one write call makes no progress
+/// for `timeout` (or the socket fails): a slow link that keeps moving is
+/// never cut, however long the whole buffer takes.
+async fn write_with_progress(
+    write: &mut OwnedWriteHalf,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(timeout, write.write(buf)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => buf = &buf[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_elapsed) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Sends one frame directly (pre-auth), then closes gracefully.
@@ -444,7 +548,7 @@ async fn goodbye(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     if codec.encode_frame(frame, &mut out).is_ok() {
-        tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&out))
+        tokio::time::timeout(GOODBYE_TIMEOUT, write.write_all(&out))
             .await
             .map_err(|_| std::io::ErrorKind::TimedOut)??;
     }

@@ -14,7 +14,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState, AdminToken};
-use crate::server::Shared;
+use crate::server::ServerState;
 
 /// The Prometheus text exposition format, version 0.0.4.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -22,7 +22,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Serves ops HTTP on `listener` until the server shuts down.
 pub(crate) async fn serve(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     admin_token: Option<Arc<AdminToken>>,
 ) {
     let shutdown = shared.shutdown.clone();
@@ -44,7 +44,7 @@ pub(crate) async fn serve(
     }
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+async fn readyz(State(shared): State<Arc<ServerState>>) -> (StatusCode, &'static str) {
     if shared.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else if !shared.router.is_ready() {
@@ -54,7 +54,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str)
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+async fn metrics(State(shared): State<Arc<ServerState>>) -> Response {
     let online = shared.router.sessions().online();
     // Rendering reads /proc (one directory entry per open descriptor):
     // keep it off the reactor threads.

@@ -108,6 +108,10 @@ fn describe_all() {
         "TCP connections held now, authenticated or not"
     );
     describe_gauge!(
+        "ferry_connections_pending_auth",
+        "Connections accepted and not yet authenticated (bounded by max_pending_auth)"
+    );
+    describe_gauge!(
         "ferry_sessions_online",
         "Authenticated connections registered for delivery"
     );
@@ -271,6 +275,7 @@ struct Handles {
     accepted: Counter,
     authenticated: Counter,
     open: Gauge,
+    pending_auth: Gauge,
     rejected: Vec<Counter>,
     closed: Vec<Counter>,
     closed_disconnected: Counter,
@@ -313,6 +318,7 @@ static HANDLES: LazyLock<Handles> = LazyLock::new(|| {
         accepted: counter!("ferry_connections_accepted_total"),
         authenticated: counter!("ferry_connections_authenticated_total"),
         open: gauge!("ferry_connections_open"),
+        pending_auth: gauge!("ferry_connections_pending_auth"),
         rejected: by_code("ferry_connections_rejected_total", "reason", REJECT_CODES),
         closed: by_code("ferry_connections_closed_total", "reason", CLOSE_CODES),
         closed_disconnected: counter!("ferry_connections_closed_total", "reason" => "disconnected"),
@@ -369,6 +375,11 @@ pub fn accepted() {
 /// A connection finished (authenticated or not).
 pub fn released() {
     HANDLES.open.decrement(1.0);
+}
+
+/// `delta` connections started (+1) or stopped (−1) waiting for auth.
+pub fn pending_auth(delta: f64) {
+    HANDLES.pending_auth.increment(delta);
 }
 
 /// A connection authenticated.

@@ -16,7 +16,7 @@ use ferry_router::session::{CloseReason, Conn};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -104,9 +104,23 @@ impl Heartbeat {
         self.wheel.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The tick at which `conn` is silent for too long, unless it sends
+    /// something before.
+    ///
+    /// `last_seen` is a whole coarse-clock second, truncated: a frame seen
+    /// at second s arrived anywhere in [s, s + 1). Closing at tick
+    /// s + timeout could therefore come after only timeout − 1 seconds of
+    /// silence (plus a moment); closing at s + timeout + 1 comes after more
+    /// than `timeout` seconds, and at most about one second more (plus the
+    /// tick's own delay). So a frame that arrives within 3 × heartbeat_secs
+    /// of the previous one always keeps the connection.
+    fn deadline(&self, conn: &Conn) -> u64 {
+        conn.last_seen() as u64 + self.timeout as u64 + 1
+    }
+
     /// Starts watching `conn` (its last_seen must be set).
     pub(crate) fn register(&self, conn: Arc<Conn>) -> TimerKey {
-        let deadline = conn.last_seen() as u64 + self.timeout as u64;
+        let deadline = self.deadline(&conn);
         self.lock().insert(conn, deadline)
     }
 
@@ -127,7 +141,7 @@ impl Heartbeat {
             while wheel.now() < now as u64 {
                 for key in wheel.tick() {
                     let Some(conn) = wheel.get(key) else { continue };
-                    let deadline = conn.last_seen() as u64 + self.timeout as u64;
+                    let deadline = self.deadline(conn);
                     if deadline <= wheel.now() {
                         if let Some(conn) = wheel.remove(key) {
                             expired.push(conn);
@@ -148,8 +162,9 @@ impl Heartbeat {
     }
 }
 
-/// State shared by every connection task.
-pub(crate) struct Shared {
+/// The server's state, shared by every connection task, the accept loop and
+/// the ops HTTP server.
+pub(crate) struct ServerState {
     pub config: Config,
     pub router: Arc<Router>,
     pub tokens: TokenVerifier,
@@ -158,11 +173,33 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// One permit per connection slot (`max_connections`).
     pub permits: Arc<Semaphore>,
+    /// One permit per connection between accept and auth
+    /// (`max_pending_auth`), held besides its connection slot.
+    pub pending_auth: Arc<Semaphore>,
     /// When users' connections last ended (admin presence).
     pub last_seen: LastSeen,
 }
 
-impl Shared {
+/// A connection's place among those waiting for auth: released (and the
+/// `ferry_connections_pending_auth` gauge lowered) when dropped.
+pub(crate) struct PendingAuth {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PendingAuth {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        m::pending_auth(1.0);
+        PendingAuth { _permit: permit }
+    }
+}
+
+impl Drop for PendingAuth {
+    fn drop(&mut self) {
+        m::pending_auth(-1.0);
+    }
+}
+
+impl ServerState {
     /// Connections held now, authenticated or not.
     pub fn connections_open(&self) -> usize {
         (self.config.max_connections as usize).saturating_sub(self.permits.available_permits())
@@ -171,7 +208,7 @@ impl Shared {
 
 /// A running ferry node.
 pub struct Server {
-    shared: Arc<Shared>,
+    shared: Arc<ServerState>,
     tracker: TaskTracker,
     admin_token: Option<Arc<AdminToken>>,
 }
@@ -188,8 +225,9 @@ impl Server {
             .as_ref()
             .map(|t| Arc::new(AdminToken::new(t.as_bytes())));
         let permits = Arc::new(Semaphore::new(config.max_connections as usize));
+        let pending_auth = Arc::new(Semaphore::new(config.max_pending_auth as usize));
         Server {
-            shared: Arc::new(Shared {
+            shared: Arc::new(ServerState {
                 config,
                 router,
                 tokens,
@@ -197,6 +235,7 @@ impl Server {
                 heartbeat,
                 shutdown: CancellationToken::new(),
                 permits,
+                pending_auth,
                 last_seen: LastSeen::default(),
             }),
             tracker: TaskTracker::new(),
@@ -274,7 +313,7 @@ impl Server {
 }
 
 async fn accept_loop(
-    shared: &Arc<Shared>,
+    shared: &Arc<ServerState>,
     tracker: &TaskTracker,
     listener: &TcpListener,
     permits: Arc<Semaphore>,
@@ -297,7 +336,14 @@ async fn accept_loop(
             }
         };
         tune_socket(&stream);
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        // A connection needs a slot, and until it authenticates, one of the
+        // places for pending auths too: sockets that never authenticate
+        // cannot take the slots of users who do.
+        let acquired = permits.clone().try_acquire_owned().and_then(|slot| {
+            let pending = shared.pending_auth.clone().try_acquire_owned()?;
+            Ok((slot, pending))
+        });
+        let Ok((permit, pending)) = acquired else {
             m::rejected(ErrorCode::TooManyConnections);
             if let Ok(refusal) = refusals.clone().try_acquire_owned() {
                 let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
@@ -310,20 +356,36 @@ async fn accept_loop(
         };
         m::accepted();
         let shared = shared.clone();
+        let pending = PendingAuth::new(pending);
         tracker.spawn(async move {
-            connection::serve(shared, stream).await;
+            connection::serve(shared, stream, pending).await;
             m::released();
             drop(permit);
         });
     }
 }
 
+/// Unsent bytes the kernel may hold for one client socket (TCP_NOTSENT_LOWAT).
+///
+/// Without it, send-buffer autotuning lets a socket whose peer reads slowly
+/// take up to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) of unsent
+/// data: kernel memory per connection, and — since a full socket becomes
+/// writable again only when a third of that has drained — write stalls of
+/// seconds on a slow but steady link, which the writer's no-progress
+/// timeout would take for a dead one. With it, the writer hears about
+/// progress every 64 KiB or so, and what waits stays in the counted,
+/// bounded outbox.
+pub const NOTSENT_LOWAT_BYTES: u32 = 128 * 1024;
+
 fn tune_socket(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10));
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    let socket = SockRef::from(stream);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT_BYTES);
 }
 
 async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode) {
@@ -354,7 +416,7 @@ async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode) {
     .await;
 }
 
-async fn heartbeat_loop(shared: Arc<Shared>) {
+async fn heartbeat_loop(shared: Arc<ServerState>) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -364,5 +426,50 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         if expired > 0 {
             info!(expired, "closed silent connections");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: u64) -> Arc<Conn> {
+        Conn::new(id, "alice".into(), "phone".into(), 16)
+    }
+
+    /// A frame seen at coarse second 5 may have come at 5.999: with a 1 s
+    /// heartbeat (3 s timeout) the close must not come at tick 8, which may
+    /// be only 2.001 s later, but at tick 9.
+    #[test]
+    fn never_closes_before_three_heartbeats_of_silence() {
+        let hb = Heartbeat::new(1);
+        let c = conn(1);
+        c.touch(5);
+        hb.advance(5);
+        hb.register(c.clone());
+        assert_eq!(hb.advance(8), 0, "at most 2.x s of silence at tick 8");
+        assert!(!c.is_closing());
+        assert_eq!(hb.advance(9), 1, "more than 3 s of silence at tick 9");
+        assert!(c.is_closing());
+    }
+
+    #[test]
+    fn a_frame_in_time_postpones_the_close_and_the_latest_one_counts() {
+        let hb = Heartbeat::new(2);
+        let c = conn(1);
+        c.touch(0);
+        hb.register(c.clone());
+        // Seen again at second 6: within 3 × 2 s of the first frame.
+        hb.advance(6);
+        c.touch(6);
+        assert_eq!(hb.advance(12), 0, "deadline moved to 6 + 6 + 1");
+        assert_eq!(hb.advance(13), 1);
+        // A slow heartbeat: 1 h × 3, far beyond one lap of the wheel.
+        let hb = Heartbeat::new(3600);
+        let c = conn(2);
+        c.touch(0);
+        hb.register(c.clone());
+        assert_eq!(hb.advance(10_800), 0);
+        assert_eq!(hb.advance(10_801), 1);
     }
 }

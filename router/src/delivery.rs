@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::SYNC_PAGE;
 use crate::error_frame;
-use crate::session::{Conn, LivePush, Sessions};
+use crate::session::{Conn, LivePush, RequestSlot, Sessions};
 
 /// Where the outcome of a write goes.
 pub enum Reply {
@@ -33,6 +33,8 @@ pub enum Reply {
         client_msg_id: u64,
         /// When the Send was taken in (for `ferry_send_ack_seconds`).
         received: std::time::Instant,
+        /// The sender's request slot, released once the ack is queued.
+        slot: Option<RequestSlot>,
     },
     /// A request with a request id: RecallAck / GroupReply, or Error.
     Request {
@@ -40,6 +42,8 @@ pub enum Reply {
         conn: Arc<Conn>,
         /// The request id.
         request_id: u64,
+        /// The requester's request slot, released once the reply is queued.
+        slot: Option<RequestSlot>,
     },
     /// The admin API waits for the outcome itself.
     Admin(oneshot::Sender<Outcome>),
@@ -102,7 +106,10 @@ impl Shared {
                 self.deliver_all(&fanouts);
             }
             Outcome::Recalled { msg_id, fanouts } => {
-                if let Reply::Request { conn, request_id } = &reply {
+                if let Reply::Request {
+                    conn, request_id, ..
+                } = &reply
+                {
                     let _ = conn.push(Frame::from(proto::RecallAck {
                         request_id: *request_id,
                         msg_id,
@@ -115,7 +122,10 @@ impl Shared {
                 group_id,
                 fanouts,
             } => {
-                if let Reply::Request { conn, request_id } = &reply {
+                if let Reply::Request {
+                    conn, request_id, ..
+                } = &reply
+                {
                     let frame = match &group {
                         Some(g) => {
                             let mut reply = group_reply(*request_id, g);
@@ -189,7 +199,9 @@ fn reply_error(reply: &Reply, code: ErrorCode, message: String) {
         } => {
             let _ = conn.push(error_frame(code, message, 0, *client_msg_id));
         }
-        Reply::Request { conn, request_id } => {
+        Reply::Request {
+            conn, request_id, ..
+        } => {
             let _ = conn.push(error_frame(code, message, *request_id, 0));
         }
         Reply::None | Reply::Admin(_) => {}
@@ -255,7 +267,7 @@ pub(crate) fn spawn_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
 }
 
 async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
-    let pace = conn.capacity() / 2;
+    let pace = conn.limits().watermark();
     loop {
         let after = conn.delivered();
         let storage = shared.storage.clone();
@@ -300,7 +312,7 @@ async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
         });
         match result {
             Ok(true) | Err(_) => return,
-            Ok(false) => conn.wait_below(pace).await,
+            Ok(false) => conn.wait_below_bytes(pace).await,
         }
     }
 }

@@ -29,7 +29,7 @@ use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
 use ferry_protocol::{ErrorCode, Frame};
 use ferry_storage::{CommitOptions, Committer, GroupChange, Op, Storage, StorageError, Target};
 use prost::Message;
-use session::{Conn, Sessions};
+use session::{Conn, RequestSlot, Sessions};
 
 pub use delivery::Reply;
 
@@ -277,8 +277,9 @@ impl Router {
         self.shared.sessions.unregister(conn);
     }
 
-    /// Handles one request frame of `conn`.
-    pub async fn handle(&self, conn: &Arc<Conn>, body: Body) {
+    /// Handles one request frame of `conn`. `slot` (from
+    /// [`Conn::begin_request`]) is released once the reply is queued.
+    pub async fn handle(&self, conn: &Arc<Conn>, body: Body, slot: Option<RequestSlot>) {
         // Errors echo the id of the request they answer.
         let (request_id, client_msg_id) = match &body {
             Body::Send(s) => (0, s.client_msg_id),
@@ -289,7 +290,7 @@ impl Router {
             _ => (0, 0),
         };
         let result = match body {
-            Body::Send(send) => self.send(conn, send).await,
+            Body::Send(send) => self.send(conn, send, slot).await,
             Body::DeliverAck(ack) => {
                 let op = Op::Ack {
                     user: conn.user().clone(),
@@ -299,7 +300,7 @@ impl Router {
                 self.submit(op, Reply::None).await
             }
             Body::Sync(sync) => self.sync(conn, sync).await,
-            Body::Recall(recall) => self.recall(conn, recall).await,
+            Body::Recall(recall) => self.recall(conn, recall, slot).await,
             Body::Read(read) => match target_of(read.conversation.as_ref()) {
                 Ok(to) => {
                     let op = Op::Read {
@@ -312,7 +313,7 @@ impl Router {
                 Err(e) => Err(e),
             },
             Body::Typing(typing) => self.typing(conn, typing),
-            Body::GroupRequest(request) => self.group(conn, request).await,
+            Body::GroupRequest(request) => self.group(conn, request, slot).await,
             Body::History(history) => self.history(conn, history).await,
             other => Err((
                 ErrorCode::UnexpectedFrame,
@@ -331,7 +332,12 @@ impl Router {
             .map_err(|_| (ErrorCode::Unavailable, "storage is shutting down".into()))
     }
 
-    async fn send(&self, conn: &Arc<Conn>, send: proto::Send) -> Result<(), (ErrorCode, String)> {
+    async fn send(
+        &self,
+        conn: &Arc<Conn>,
+        send: proto::Send,
+        slot: Option<RequestSlot>,
+    ) -> Result<(), (ErrorCode, String)> {
         let fail = |code, message: String| {
             let _ = conn.push(error_frame(code, message, 0, send.client_msg_id));
             Ok(())
@@ -368,6 +374,7 @@ impl Router {
             conn: conn.clone(),
             client_msg_id: send.client_msg_id,
             received: std::time::Instant::now(),
+            slot,
         };
         match self.committer.submit(op, reply).await {
             Ok(()) => Ok(()),
@@ -403,6 +410,7 @@ impl Router {
         &self,
         conn: &Arc<Conn>,
         recall: proto::Recall,
+        slot: Option<RequestSlot>,
     ) -> Result<(), (ErrorCode, String)> {
         let to = target_of(recall.conversation.as_ref()).map_err(|(c, m)| {
             let _ = conn.push(error_frame(c, m.clone(), recall.request_id, 0));
@@ -427,11 +435,15 @@ impl Router {
         let reply = Reply::Request {
             conn: conn.clone(),
             request_id: recall.request_id,
+            slot,
         };
         self.submit(op, reply).await
     }
 
     fn typing(&self, conn: &Arc<Conn>, typing: proto::Typing) -> Result<(), (ErrorCode, String)> {
+        if !conn.typing_allowed() {
+            return Ok(()); // Over the sender's Typing rate: dropped silently.
+        }
         let to = target_of(typing.conversation.as_ref())?;
         let from = conn.user().to_string();
         match to {
@@ -479,6 +491,7 @@ impl Router {
         &self,
         conn: &Arc<Conn>,
         request: proto::GroupRequest,
+        slot: Option<RequestSlot>,
     ) -> Result<(), (ErrorCode, String)> {
         let request_id = request.request_id;
         let fail = |code, message: String| {
@@ -550,6 +563,7 @@ impl Router {
         let reply = Reply::Request {
             conn: conn.clone(),
             request_id,
+            slot,
         };
         self.submit(op, reply).await
     }

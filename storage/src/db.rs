@@ -242,7 +242,12 @@ impl Storage {
             ro,
             IteratorMode::From(&start, Direction::Forward),
         );
-        let mut raw = Vec::with_capacity(limit.min(1024));
+        // Grown as entries come, not reserved for `limit`: an entry with an
+        // inline Deliver is ~200 bytes, so reserving a page cost ~40 KiB per
+        // login sync even for an empty inbox, and a reconnect storm of such
+        // transient allocations left the allocator holding about 6 KiB per
+        // connection afterwards (issue 13 #20).
+        let mut raw = Vec::new();
         let mut has_more = false;
         for item in it {
             let (k, v) = item?;

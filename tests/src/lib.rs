@@ -121,6 +121,16 @@ impl TestServer {
         client
     }
 
+    /// A raw connection whose socket receive buffer is about `bytes`
+    /// (the kernel may double it): a client that does not read then stops
+    /// the server's writes after little data, instead of megabytes.
+    pub async fn connect_small_window(&self, bytes: u32) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = within(socket.connect(self.addr)).await.expect("connect");
+        Client::from_stream(stream, ferry_protocol::FrameCodec::default())
+    }
+
     /// Stops the server (graceful shutdown) and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
