@@ -40,5 +40,11 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod connection;
+pub mod consumer;
+pub mod producer;
 
 pub use codec::{Command, Frame, Message, MessageId, NsqCodec, ServerError};
+pub use connection::{Backoff, Connection, ConnectionConfig, ConnectionError, Event};
+pub use consumer::{AckError, Consumer, ConsumerConfig, ConsumerError, Delivery};
+pub use producer::{Producer, ProducerConfig, PublishError, Receipt, Topic};
