@@ -192,9 +192,8 @@ async fn pump(
     out: mpsc::Sender<Out>,
     done: CancellationToken,
 ) {
-    let ticker = |d: Duration| {
-        (!d.is_zero()).then(|| tokio::time::interval_at(Instant::now() + d, d))
-    };
+    let ticker =
+        |d: Duration| (!d.is_zero()).then(|| tokio::time::interval_at(Instant::now() + d, d));
     let mut heartbeat = ticker(*hb_rx.borrow_and_update());
     loop {
         let msgs = shared.with(|b| b.take_ready(client_id));
@@ -307,7 +306,18 @@ async fn io_loop(
         let params: Vec<Vec<u8>> = line.split(|&b| b == b' ').map(<[u8]>::to_vec).collect();
         let name = String::from_utf8_lossy(&params[0]).into_owned();
         shared.with(|b| *b.stats.commands.entry(name).or_default() += 1);
-        match exec(&params, &mut client, &mut r, deadline, shared, config, hb_tx, out).await {
+        match exec(
+            &params,
+            &mut client,
+            &mut r,
+            deadline,
+            shared,
+            config,
+            hb_tx,
+            out,
+        )
+        .await
+        {
             Ok(Some(resp)) => {
                 if out.send(frame(FRAME_TYPE_RESPONSE, &resp)).await.is_err() {
                     return "writer gone";
@@ -366,7 +376,10 @@ async fn exec(
                 ));
             }
             if len <= 0 {
-                return Err(fatal("E_BAD_BODY", format!("IDENTIFY invalid body size {len}")));
+                return Err(fatal(
+                    "E_BAD_BODY",
+                    format!("IDENTIFY invalid body size {len}"),
+                ));
             }
             let body = read_exact_by(r, len as usize, deadline)
                 .await
@@ -560,7 +573,10 @@ async fn exec(
                 defer = Duration::from_millis(ms);
             }
             let len = read_len(r, deadline).await.ok_or_else(|| {
-                fatal("E_BAD_MESSAGE", format!("{name} failed to read message body size"))
+                fatal(
+                    "E_BAD_MESSAGE",
+                    format!("{name} failed to read message body size"),
+                )
             })?;
             if len <= 0 {
                 return Err(fatal(
@@ -574,9 +590,14 @@ async fn exec(
                     format!("{name} message too big {len} > {}", config.max_msg_size),
                 ));
             }
-            let body = read_exact_by(r, len as usize, deadline).await.ok_or_else(|| {
-                fatal("E_BAD_MESSAGE", format!("{name} failed to read message body"))
-            })?;
+            let body = read_exact_by(r, len as usize, deadline)
+                .await
+                .ok_or_else(|| {
+                    fatal(
+                        "E_BAD_MESSAGE",
+                        format!("{name} failed to read message body"),
+                    )
+                })?;
             shared.with(|b| b.publish(&topic, vec![Bytes::from(body)], defer));
             Ok(Some(OK.to_vec()))
         }
@@ -589,7 +610,10 @@ async fn exec(
                 // nsqd v1.3.0 really repeats the code here (publish.json: mpub_bad_topic).
                 return Err(fatal(
                     "E_BAD_TOPIC",
-                    format!("E_BAD_TOPIC MPUB topic name {} is not valid", quote(&params[1])),
+                    format!(
+                        "E_BAD_TOPIC MPUB topic name {} is not valid",
+                        quote(&params[1])
+                    ),
                 ));
             }
             let len = read_len(r, deadline)
@@ -609,7 +633,10 @@ async fn exec(
                 .ok_or_else(|| fatal("E_BAD_BODY", "MPUB failed to read message count"))?;
             let max_messages = (config.max_body_size as i64 - 4) / 5;
             if count <= 0 || count as i64 > max_messages {
-                return Err(fatal("E_BAD_BODY", format!("MPUB invalid message count {count}")));
+                return Err(fatal(
+                    "E_BAD_BODY",
+                    format!("MPUB invalid message count {count}"),
+                ));
             }
             let mut bodies = Vec::with_capacity(count as usize);
             for i in 0..count {
@@ -698,7 +725,9 @@ fn identify(client: &mut Client, d: &IdentifyIn, config: &DoubleConfig) -> Resul
     let max_mt = config.max_msg_timeout.as_millis() as i64;
     match d.msg_timeout {
         0 => {}
-        ms if (1000..=max_mt).contains(&ms) => client.msg_timeout = Duration::from_millis(ms as u64),
+        ms if (1000..=max_mt).contains(&ms) => {
+            client.msg_timeout = Duration::from_millis(ms as u64)
+        }
         ms => return Err(bad(format!("msg timeout ({ms}) is invalid"))),
     }
     Ok(())

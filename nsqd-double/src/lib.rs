@@ -36,8 +36,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use broker::{Depth, Stats};
 use broker::Broker;
+pub use broker::{Depth, Stats};
 
 /// The double's settings: nsqd v1.3.0's flag defaults.
 #[derive(Debug, Clone)]
@@ -193,7 +193,11 @@ impl NsqdDouble {
         let addr = listener.local_addr()?;
         let shared = new_shared(config);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, shared.clone(), stop.clone().cancelled_owned()));
+        let task = tokio::spawn(serve(
+            listener,
+            shared.clone(),
+            stop.clone().cancelled_owned(),
+        ));
         Ok(NsqdDouble {
             addr,
             shared,
@@ -209,7 +213,12 @@ impl NsqdDouble {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
-        self.shared.broker.lock().expect("not poisoned").stats.clone()
+        self.shared
+            .broker
+            .lock()
+            .expect("not poisoned")
+            .stats
+            .clone()
     }
 
     /// Queued / in-flight / deferred counts of a channel.
