@@ -1,0 +1,526 @@
+//! `ferry-nsq` (producer, consumer, connection) against the NSQ-protocol test double over real
+//! loopback sockets. Tests synchronise on the double's counters (`wait_for`) and on what the
+//! client hands out, never on sleeps; each is bounded by a timeout.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_nsq::connection::{Connection, ConnectionConfig, ConnectionError, Event};
+use ferry_nsq::{Backoff, Consumer, ConsumerConfig, Producer, ProducerConfig, PublishError, Topic};
+use ferry_nsqd_double::{DoubleConfig, NsqdDouble};
+
+async fn bounded<T>(secs: u64, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test took too long")
+}
+
+fn fast_backoff() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(100),
+    }
+}
+
+fn producer(d: &NsqdDouble) -> Producer {
+    let mut config = ProducerConfig::new(vec![d.addr().to_string()]);
+    config.backoff = fast_backoff();
+    Producer::start(config)
+}
+
+fn consumer_config(d: &[&NsqdDouble], topic: &str, max_in_flight: u32) -> ConsumerConfig {
+    let mut config = ConsumerConfig::new(
+        d.iter().map(|d| d.addr().to_string()).collect(),
+        topic,
+        "ch",
+    );
+    config.max_in_flight = max_in_flight;
+    config.backoff = fast_backoff();
+    config
+}
+
+async fn double() -> NsqdDouble {
+    NsqdDouble::start(DoubleConfig::default()).await.unwrap()
+}
+
+#[tokio::test]
+async fn publish_consume_fin() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t1").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t1", 8)).unwrap();
+        p.publish(&topic, Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        let m = c.recv().await.unwrap();
+        assert_eq!(m.body().as_ref(), b"hello");
+        assert_eq!(m.attempts(), 1);
+        m.fin().await.unwrap();
+        d.wait_for(|s| s.finished == 1).await;
+        assert_eq!(d.depth("t1", "ch").in_flight, 0);
+        assert_eq!(d.stats().command("PUB"), 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn req_redelivers_with_attempts_two_and_touch_is_accepted() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t2").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t2", 8)).unwrap();
+        p.publish(&topic, Bytes::from_static(b"again"))
+            .await
+            .unwrap();
+        let first = c.recv().await.unwrap();
+        let id = first.id();
+        first.req(Duration::ZERO).await.unwrap();
+        let second = c.recv().await.unwrap();
+        assert_eq!(second.id(), id);
+        assert_eq!(second.attempts(), 2);
+        second.touch().await.unwrap();
+        d.wait_for(|s| s.touched == 1).await;
+        second.fin().await.unwrap();
+        let s = d.wait_for(|s| s.finished == 1).await;
+        assert_eq!(s.requeued, 1);
+        assert_eq!(c.stats().reqs.load(std::sync::atomic::Ordering::Relaxed), 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn msg_timeout_redelivers_an_unfinished_message() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t3").unwrap();
+        let p = producer(&d);
+        let mut config = consumer_config(&[&d], "t3", 8);
+        config.connection.msg_timeout = Some(Duration::from_millis(1000));
+        let mut c = Consumer::start(config).unwrap();
+        p.publish(&topic, Bytes::from_static(b"slow"))
+            .await
+            .unwrap();
+        let held = c.recv().await.unwrap();
+        let again = c.recv().await.unwrap();
+        assert_eq!(again.id(), held.id());
+        assert_eq!(again.attempts(), 2);
+        assert_eq!(d.stats().timed_out, 1);
+        again.fin().await.unwrap();
+        // The stale handle's FIN gets a non-fatal E_FIN_FAILED; the connection stays.
+        held.fin().await.unwrap();
+        d.wait_for(|s| s.command("FIN") == 2).await;
+        p.publish(&topic, Bytes::from_static(b"after"))
+            .await
+            .unwrap();
+        assert_eq!(c.recv().await.unwrap().body().as_ref(), b"after");
+        assert_eq!(
+            d.stats().connections,
+            2,
+            "no reconnect: E_FIN_FAILED is not fatal"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn heartbeats_are_answered_and_idle_connections_live_on() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t4").unwrap();
+        let mut pconfig = ProducerConfig::new(vec![d.addr().to_string()]);
+        pconfig.connection.heartbeat_interval = Duration::from_secs(1);
+        let p = Producer::start(pconfig);
+        let mut config = consumer_config(&[&d], "t4", 8);
+        config.connection.heartbeat_interval = Duration::from_secs(1);
+        let mut c = Consumer::start(config).unwrap();
+        p.publish(&topic, Bytes::from_static(b"x")).await.unwrap();
+        c.recv().await.unwrap().fin().await.unwrap();
+        // 3 heartbeats on each connection (6 s of silence would have closed them at 2 s).
+        d.wait_for(|s| s.heartbeats >= 6 && s.command("NOP") >= 6)
+            .await;
+        let s = d.stats();
+        assert_eq!(s.connections, 2);
+        assert_eq!(s.open_connections, 2);
+        p.publish(&topic, Bytes::from_static(b"y")).await.unwrap();
+        assert_eq!(c.recv().await.unwrap().body().as_ref(), b"y");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_two_heartbeat_intervals() {
+    bounded(20, async {
+        let d = double().await;
+        let config = ConnectionConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            ..ConnectionConfig::default()
+        };
+        let mut conn = Connection::connect(&d.addr().to_string(), &config)
+            .await
+            .unwrap();
+        assert_eq!(conn.settings().max_rdy_count, 2500);
+        conn.subscribe("t5", "ch").await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut heartbeats = 0;
+        // Read without answering: what nsqd does to a client that stops talking.
+        let end = loop {
+            match conn.read_frame().await {
+                Ok(f) if f.is_heartbeat() => heartbeats += 1,
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(end, ConnectionError::Closed), "{end}");
+        assert!((1..=2).contains(&heartbeats));
+        let after = start.elapsed();
+        assert!(
+            after >= Duration::from_millis(1900) && after < Duration::from_millis(2600),
+            "{after:?}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn fatal_error_frames_are_typed_and_non_fatal_ones_are_events() {
+    bounded(20, async {
+        let d = double().await;
+        let addr = d.addr().to_string();
+        let config = ConnectionConfig::default();
+        let mut conn = Connection::connect(&addr, &config).await.unwrap();
+        conn.subscribe("t6", "ch").await.unwrap();
+        conn.send(&ferry_nsq::Command::Fin(ferry_nsq::MessageId(
+            *b"0123456789abcdef",
+        )))
+        .await
+        .unwrap();
+        match conn.recv().await.unwrap() {
+            Event::Error(e) => {
+                assert_eq!(
+                    e.text(),
+                    "E_FIN_FAILED FIN 0123456789abcdef failed ID not in flight"
+                );
+                assert!(!e.is_fatal());
+            }
+            other => panic!("{other:?}"),
+        }
+        // SUB twice: fatal E_INVALID, then the close.
+        conn.write_buffer().extend_from_slice(b"SUB t6 ch2\n");
+        conn.flush().await.unwrap();
+        match conn.recv().await {
+            Err(ConnectionError::Server(e)) => {
+                assert_eq!(e.text(), "E_INVALID cannot SUB in current state")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            conn.read_frame().await,
+            Err(ConnectionError::Closed)
+        ));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn both_sides_reconnect_after_the_double_drops_every_connection() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t7").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t7", 8)).unwrap();
+        p.publish(&topic, Bytes::from_static(b"before"))
+            .await
+            .unwrap();
+        c.recv().await.unwrap().fin().await.unwrap();
+        d.wait_for(|s| s.finished == 1).await;
+        d.drop_connections();
+        d.wait_for(|s| s.connections >= 3 && s.command("SUB") >= 2)
+            .await;
+        // The producer may notice the drop only when it writes: the first publish after the
+        // drop can fail as Disconnected (outcome unknown), and the next goes out reconnected.
+        let mut sent = false;
+        for _ in 0..3 {
+            match p.publish(&topic, Bytes::from_static(b"after")).await {
+                Ok(()) => {
+                    sent = true;
+                    break;
+                }
+                Err(PublishError::Disconnected) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(sent);
+        let m = c.recv().await.unwrap();
+        assert_eq!(m.body().as_ref(), b"after");
+        m.fin().await.unwrap();
+        assert!(
+            p.stats()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2
+        );
+        assert_eq!(
+            c.stats()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn duplicate_delivery_is_seen_twice() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t8").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t8", 8)).unwrap();
+        d.set_duplicate_delivery(true);
+        p.publish(&topic, Bytes::from_static(b"twice"))
+            .await
+            .unwrap();
+        let a = c.recv().await.unwrap();
+        let b = c.recv().await.unwrap();
+        assert_eq!(a.body(), b.body());
+        assert_ne!(a.id(), b.id());
+        a.fin().await.unwrap();
+        b.fin().await.unwrap();
+        d.wait_for(|s| s.finished == 2).await;
+        assert_eq!(d.stats().published, 1);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn lost_in_flight_messages_are_gone_and_the_consumer_goes_on() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t9").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t9", 8)).unwrap();
+        p.publish(&topic, Bytes::from_static(b"doomed"))
+            .await
+            .unwrap();
+        let m = c.recv().await.unwrap();
+        assert_eq!(d.lose_in_flight(), 1);
+        m.fin().await.unwrap(); // E_FIN_FAILED, non-fatal
+        p.publish(&topic, Bytes::from_static(b"next"))
+            .await
+            .unwrap();
+        let n = c.recv().await.unwrap();
+        assert_eq!(n.body().as_ref(), b"next");
+        assert_eq!(n.attempts(), 1);
+        n.fin().await.unwrap();
+        let s = d.wait_for(|s| s.finished == 1).await;
+        assert_eq!(s.lost, 1);
+        assert_eq!(s.connections, 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn rdy_caps_messages_in_flight_and_set_max_in_flight_reissues_it() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t10").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t10", 2)).unwrap();
+        for i in 0..5u8 {
+            p.publish(&topic, Bytes::from(vec![b'0' + i]))
+                .await
+                .unwrap();
+        }
+        let a = c.recv().await.unwrap();
+        let b = c.recv().await.unwrap();
+        d.wait_for_depth("t10", "ch", |x| x.in_flight == 2 && x.queued == 3)
+            .await;
+        a.fin().await.unwrap();
+        let third = c.recv().await.unwrap();
+        assert_eq!(third.body().as_ref(), b"2");
+        d.wait_for_depth("t10", "ch", |x| x.in_flight == 2 && x.queued == 2)
+            .await;
+        // Pause, then resume with room for everything.
+        c.set_max_in_flight(0);
+        d.wait_for(|s| s.command("RDY") == 2).await;
+        b.fin().await.unwrap();
+        third.fin().await.unwrap();
+        d.wait_for_depth("t10", "ch", |x| x.in_flight == 0 && x.queued == 2)
+            .await;
+        c.set_max_in_flight(10);
+        for _ in 0..2 {
+            c.recv().await.unwrap().fin().await.unwrap();
+        }
+        d.wait_for(|s| s.finished == 5).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mpub_batches_under_load_and_one_pub_when_idle() {
+    bounded(30, async {
+        let d = double().await;
+        let topic = Topic::new("t11").unwrap();
+        let p = producer(&d);
+        // Idle: one PUB.
+        p.publish(&topic, Bytes::from_static(b"first"))
+            .await
+            .unwrap();
+        assert_eq!(d.stats().command("PUB"), 1);
+        // Load: 2000 queued at once (the queue holds 4096) go out in few commands.
+        let mut receipts = Vec::new();
+        for i in 0..2000u32 {
+            receipts.push(
+                p.enqueue(&topic, Bytes::from(i.to_be_bytes().to_vec()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for r in receipts {
+            r.await.unwrap();
+        }
+        let s = d.stats();
+        assert_eq!(s.published, 2001);
+        let commands = s.command("PUB") + s.command("MPUB");
+        assert!(s.command("MPUB") >= 1);
+        assert!(commands < 100, "{commands} commands for 2001 messages");
+        // Every message arrives, in order.
+        let mut c = Consumer::start(consumer_config(&[&d], "t11", 100)).unwrap();
+        assert_eq!(c.recv().await.unwrap().body().as_ref(), b"first");
+        for i in 0..2000u32 {
+            let m = c.recv().await.unwrap();
+            assert_eq!(m.body().as_ref(), &i.to_be_bytes());
+            m.fin().await.unwrap();
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn publish_errors_are_typed() {
+    bounded(20, async {
+        let d = NsqdDouble::start(DoubleConfig {
+            max_msg_size: 1024,
+            ..DoubleConfig::default()
+        })
+        .await
+        .unwrap();
+        assert!(matches!(
+            Topic::new("bad!topic"),
+            Err(PublishError::BadTopic(_))
+        ));
+        let topic = Topic::new("t12").unwrap();
+        let mut config = ProducerConfig::new(vec![d.addr().to_string()]);
+        config.backoff = fast_backoff();
+        // Misconfigured on purpose: we think nsqd takes 2048 bytes, it takes 1024.
+        config.connection.max_msg_size = 2048;
+        let p = Producer::start(config);
+        assert_eq!(
+            p.publish(&topic, Bytes::new()).await,
+            Err(PublishError::EmptyBody)
+        );
+        assert!(matches!(
+            p.publish(&topic, Bytes::from(vec![b'x'; 4096])).await,
+            Err(PublishError::TooBig {
+                len: 4096,
+                max: 2048
+            })
+        ));
+        assert_eq!(
+            p.publish(&topic, Bytes::from(vec![b'x'; 1500])).await,
+            Err(PublishError::Rejected(
+                "E_BAD_MESSAGE PUB message too big 1500 > 1024".into()
+            ))
+        );
+        // The connection was closed by the fatal error; the producer reconnects.
+        p.publish(&topic, Bytes::from(vec![b'x'; 1024]))
+            .await
+            .unwrap();
+        assert!(d.stats().connections >= 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn consumer_reads_from_several_nsqd() {
+    bounded(20, async {
+        let d1 = double().await;
+        let d2 = double().await;
+        let topic = Topic::new("t13").unwrap();
+        let p1 = producer(&d1);
+        let p2 = producer(&d2);
+        let mut c = Consumer::start(consumer_config(&[&d1, &d2], "t13", 8)).unwrap();
+        p1.publish(&topic, Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        p2.publish(&topic, Bytes::from_static(b"two"))
+            .await
+            .unwrap();
+        let mut got = vec![];
+        for _ in 0..2 {
+            let m = c.recv().await.unwrap();
+            got.push(m.body().clone());
+            m.fin().await.unwrap();
+        }
+        got.sort();
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")]
+        );
+        d1.wait_for(|s| s.finished == 1).await;
+        d2.wait_for(|s| s.finished == 1).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn delivery_delay_and_lost_queue() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t14").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t14", 8)).unwrap();
+        d.set_delivery_delay(Duration::from_millis(300));
+        let sent = tokio::time::Instant::now();
+        p.publish(&topic, Bytes::from_static(b"late"))
+            .await
+            .unwrap();
+        let m = c.recv().await.unwrap();
+        assert!(sent.elapsed() >= Duration::from_millis(300));
+        m.fin().await.unwrap();
+        // A long delay, then the queue is lost: the message never arrives.
+        d.set_delivery_delay(Duration::from_secs(3600));
+        p.publish(&topic, Bytes::from_static(b"never"))
+            .await
+            .unwrap();
+        d.wait_for_depth("t14", "ch", |x| x.deferred == 1).await;
+        assert_eq!(d.lose_queued(), 1);
+        d.set_delivery_delay(Duration::ZERO);
+        p.publish(&topic, Bytes::from_static(b"now")).await.unwrap();
+        assert_eq!(c.recv().await.unwrap().body().as_ref(), b"now");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn dropped_delivery_is_requeued() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t15").unwrap();
+        let p = producer(&d);
+        let mut config = consumer_config(&[&d], "t15", 8);
+        config.requeue_delay = Duration::ZERO;
+        let mut c = Consumer::start(config).unwrap();
+        p.publish(&topic, Bytes::from_static(b"dropped"))
+            .await
+            .unwrap();
+        drop(c.recv().await.unwrap());
+        let again = c.recv().await.unwrap();
+        assert_eq!(again.attempts(), 2);
+        again.fin().await.unwrap();
+    })
+    .await
+}
