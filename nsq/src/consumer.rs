@@ -22,9 +22,9 @@
 //! application's idempotent apply absorbs the duplicate. A [`Delivery`] dropped without FIN or
 //! REQ is requeued (`REQ id <requeue_delay>`), best effort.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,12 +35,18 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{self, CLOSE_WAIT, Command, Message, MessageId};
 use crate::connection::{Backoff, Connection, ConnectionConfig, ConnectionError, Event};
+use crate::lookup;
 
 /// Consumer settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     /// nsqd TCP addresses; the consumer keeps one connection to each.
     pub addresses: Vec<String>,
+    /// nsqlookupd HTTP addresses (`host:port`), asked every `lookupd_poll_interval` which
+    /// nsqd have the topic; each newly found nsqd gets a connection of its own.
+    pub lookupd_http_addresses: Vec<String>,
+    /// How often nsqlookupd is asked (go-nsq's default: 60 s).
+    pub lookupd_poll_interval: Duration,
     /// Topic to SUB to.
     pub topic: String,
     /// Channel to SUB to.
@@ -60,6 +66,8 @@ impl ConsumerConfig {
     pub fn new(addresses: Vec<String>, topic: &str, channel: &str) -> Self {
         ConsumerConfig {
             addresses,
+            lookupd_http_addresses: Vec::new(),
+            lookupd_poll_interval: Duration::from_secs(60),
             topic: topic.into(),
             channel: channel.into(),
             max_in_flight: 256,
@@ -76,8 +84,8 @@ pub enum ConsumerError {
     /// A topic or channel name nsqd would reject.
     #[error("invalid topic or channel name {0:?}")]
     BadName(String),
-    /// No nsqd address.
-    #[error("no nsqd address")]
+    /// Neither an nsqd nor an nsqlookupd address.
+    #[error("no nsqd and no nsqlookupd address")]
     NoAddress,
 }
 
@@ -188,13 +196,17 @@ pub struct ConsumerStats {
     pub connects: AtomicU64,
     /// Heartbeats answered.
     pub heartbeats: AtomicU64,
+    /// nsqlookupd lookups that answered.
+    pub lookups: AtomicU64,
+    /// nsqd found through nsqlookupd (connections started for them).
+    pub discovered: AtomicU64,
 }
 
 /// A running consumer.
 #[derive(Debug)]
 pub struct Consumer {
     rx: mpsc::Receiver<Delivery>,
-    max_in_flight: watch::Sender<u32>,
+    max_in_flight: Arc<watch::Sender<u32>>,
     stats: Arc<ConsumerStats>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -208,7 +220,7 @@ impl Consumer {
                 return Err(ConsumerError::BadName(name.clone()));
             }
         }
-        if config.addresses.is_empty() {
+        if config.addresses.is_empty() && config.lookupd_http_addresses.is_empty() {
             return Err(ConsumerError::NoAddress);
         }
         // Room for every message the sessions can have out at once, so a session's send
@@ -217,17 +229,33 @@ impl Consumer {
             .max(config.addresses.len())
             .max(1);
         let (tx, rx) = mpsc::channel(capacity);
-        let (max_tx, _) = watch::channel(config.max_in_flight);
+        let max_tx = Arc::new(watch::channel(config.max_in_flight).0);
         let stats = Arc::new(ConsumerStats::default());
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
+        let sessions = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
-        for index in 0..config.addresses.len() {
+        for addr in &config.addresses {
+            let index = sessions.fetch_add(1, Ordering::Relaxed);
             tasks.spawn(run(
                 config.clone(),
-                index,
+                Session {
+                    addr: addr.clone(),
+                    index,
+                    sessions: sessions.clone(),
+                },
                 tx.clone(),
                 max_tx.subscribe(),
+                stats.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if !config.lookupd_http_addresses.is_empty() {
+            tasks.spawn(discover(
+                config.clone(),
+                tx.clone(),
+                max_tx.clone(),
+                sessions,
                 stats.clone(),
                 shutdown.clone(),
             ));
@@ -271,6 +299,73 @@ impl Drop for Consumer {
     }
 }
 
+/// Where a session connects, and its place among the sessions (for its share of the RDY).
+struct Session {
+    addr: String,
+    index: usize,
+    /// How many sessions there are now (grows as nsqlookupd reveals nsqd).
+    sessions: Arc<AtomicUsize>,
+}
+
+/// Asks nsqlookupd every poll interval and starts a session for each nsqd not seen before.
+/// Sessions are never stopped: one whose nsqd went away keeps retrying with back-off.
+async fn discover(
+    config: Arc<ConsumerConfig>,
+    tx: mpsc::Sender<Delivery>,
+    max_tx: Arc<watch::Sender<u32>>,
+    sessions: Arc<AtomicUsize>,
+    stats: Arc<ConsumerStats>,
+    shutdown: CancellationToken,
+) {
+    let mut known: HashSet<String> = config.addresses.iter().cloned().collect();
+    let mut spawned = JoinSet::new();
+    let mut tick = tokio::time::interval(config.lookupd_poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'poll: loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        for lookupd in &config.lookupd_http_addresses {
+            let found = tokio::select! {
+                found = lookup::lookup(lookupd, &config.topic, config.connection.connect_timeout) => found,
+                _ = shutdown.cancelled() => break 'poll,
+            };
+            let addrs = match found {
+                Ok(addrs) => addrs,
+                Err(e) => {
+                    warn!(nsqlookupd = %lookupd, error = %e, topic = %config.topic, "nsq lookup failed");
+                    continue;
+                }
+            };
+            stats.lookups.fetch_add(1, Ordering::Relaxed);
+            for addr in addrs {
+                if !known.insert(addr.clone()) {
+                    continue;
+                }
+                info!(nsqlookupd = %lookupd, nsqd = %addr, topic = %config.topic, "nsqd discovered");
+                stats.discovered.fetch_add(1, Ordering::Relaxed);
+                let index = sessions.fetch_add(1, Ordering::Relaxed);
+                spawned.spawn(run(
+                    config.clone(),
+                    Session {
+                        addr,
+                        index,
+                        sessions: sessions.clone(),
+                    },
+                    tx.clone(),
+                    max_tx.subscribe(),
+                    stats.clone(),
+                    shutdown.clone(),
+                ));
+                // Every session recomputes its share of the RDY.
+                max_tx.send_modify(|_| {});
+            }
+        }
+    }
+    while spawned.join_next().await.is_some() {}
+}
+
 /// This session's share of the total RDY.
 fn share(total: u32, sessions: usize, index: usize) -> u64 {
     let total = total as u64;
@@ -282,13 +377,13 @@ fn share(total: u32, sessions: usize, index: usize) -> u64 {
 
 async fn run(
     config: Arc<ConsumerConfig>,
-    index: usize,
+    me: Session,
     tx: mpsc::Sender<Delivery>,
     mut max_rx: watch::Receiver<u32>,
     stats: Arc<ConsumerStats>,
     shutdown: CancellationToken,
 ) {
-    let addr = &config.addresses[index];
+    let addr = &me.addr;
     let mut attempt = 0u32;
     loop {
         let connected = tokio::select! {
@@ -315,17 +410,7 @@ async fn run(
         attempt = 0;
         stats.connects.fetch_add(1, Ordering::Relaxed);
         info!(nsqd = %conn.peer(), topic = %config.topic, channel = %config.channel, "nsq consumer subscribed");
-        match session(
-            &config,
-            index,
-            &mut conn,
-            &tx,
-            &mut max_rx,
-            &stats,
-            &shutdown,
-        )
-        .await
-        {
+        match session(&config, &me, &mut conn, &tx, &mut max_rx, &stats, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 warn!(nsqd = %conn.peer(), error = %e, "nsq consumer connection lost; reconnecting")
@@ -336,7 +421,7 @@ async fn run(
 
 async fn session(
     config: &ConsumerConfig,
-    index: usize,
+    me: &Session,
     conn: &mut Connection,
     tx: &mpsc::Sender<Delivery>,
     max_rx: &mut watch::Receiver<u32>,
@@ -344,7 +429,10 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), ConnectionError> {
     let max_rdy = conn.settings().max_rdy_count;
-    let rdy_for = |total: u32| share(total, config.addresses.len(), index).min(max_rdy);
+    let rdy_for = |total: u32| {
+        let n = me.sessions.load(Ordering::Relaxed).max(me.index + 1);
+        share(total, n, me.index).min(max_rdy)
+    };
     let mut rdy = rdy_for(*max_rx.borrow_and_update());
     conn.send(&Command::Rdy(rdy)).await?;
     stats.rdys.fetch_add(1, Ordering::Relaxed);

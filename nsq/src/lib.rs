@@ -6,9 +6,11 @@
 //! - [`producer`]: publishes with one PUB when idle and MPUB batches of whatever queued while
 //!   a publish was in flight; every publish resolves when nsqd answers `OK`; bounded queue;
 //!   reconnects with back-off.
-//! - [`consumer`]: SUB to one topic/channel on one or more nsqd, RDY sized by the caller,
-//!   messages handed out as [`consumer::Delivery`] handles that the application FINs only
-//!   after its own durable commit (or REQs, or TOUCHes); reconnects with back-off.
+//! - [`consumer`]: SUB to one topic/channel on one or more nsqd (listed, or found through
+//!   nsqlookupd), RDY sized by the caller, messages handed out as [`consumer::Delivery`]
+//!   handles that the application FINs only after its own durable commit (or REQs, or
+//!   TOUCHes); reconnects with back-off.
+//! - [`lookup`]: nsqlookupd's `GET /lookup?topic=` over a minimal HTTP/1.0 client.
 //!
 //! # Why our own client and not `tokio-nsq`
 //!
@@ -35,13 +37,15 @@
 //!
 //! # Not yet here
 //!
-//! nsqlookupd discovery (the consumer takes a static list of nsqd TCP addresses), DPUB from the
-//! producer (the codec encodes it), TLS, compression, AUTH.
+//! DPUB from the producer (the codec encodes it), TLS, compression, AUTH; dropping sessions
+//! for nsqd that nsqlookupd no longer lists (they keep retrying with back-off); the producer
+//! publishes to one nsqd at a time (the next one on failure), not to several at once.
 #![warn(missing_docs)]
 
 pub mod codec;
 pub mod connection;
 pub mod consumer;
+pub mod lookup;
 pub mod producer;
 
 pub use codec::{Command, Frame, Message, MessageId, NsqCodec, ServerError};

@@ -524,3 +524,92 @@ async fn dropped_delivery_is_requeued() {
     })
     .await
 }
+
+/// A stand-in nsqlookupd for one test (not part of the double): answers every
+/// `GET /lookup?topic=` with nsqlookupd's JSON naming the nsqd currently in `nsqd`, or its 404
+/// while there are none.
+async fn fake_lookupd(
+    nsqd: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            while !req.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 256];
+                let n = s.read(&mut b).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&b[..n]);
+            }
+            assert!(req.starts_with(b"GET /lookup?topic=t16 HTTP/1.0\r\n"));
+            let producers: Vec<String> = nsqd
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{{\"remote_address\":\"{a}\",\"hostname\":\"h\",\"broadcast_address\":\"{}\",\
+                         \"tcp_port\":{},\"http_port\":4151,\"version\":\"1.3.0\"}}",
+                        a.ip(),
+                        a.port()
+                    )
+                })
+                .collect();
+            let response = if producers.is_empty() {
+                "HTTP/1.0 404 Not Found\r\nContent-Type: application/json; charset=utf-8\r\n\r\n\
+                 {\"message\":\"TOPIC_NOT_FOUND\"}"
+                    .to_string()
+            } else {
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n\r\n\
+                     {{\"channels\":[\"ch\"],\"producers\":[{}]}}",
+                    producers.join(",")
+                )
+            };
+            let _ = s.write_all(response.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn consumer_discovers_nsqd_through_nsqlookupd() {
+    bounded(20, async {
+        let d1 = double().await;
+        let d2 = double().await;
+        let listed = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let lookupd = fake_lookupd(listed.clone()).await;
+        let mut config = consumer_config(&[], "t16", 8);
+        config.lookupd_http_addresses = vec![lookupd.to_string()];
+        config.lookupd_poll_interval = Duration::from_millis(50);
+        let mut c = Consumer::start(config).unwrap();
+        let topic = Topic::new("t16").unwrap();
+        // No nsqd has the topic yet (404), then one, then two.
+        listed.lock().unwrap().push(d1.addr());
+        producer(&d1)
+            .publish(&topic, Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        assert_eq!(c.recv().await.unwrap().body().as_ref(), b"one");
+        listed.lock().unwrap().push(d2.addr());
+        producer(&d2)
+            .publish(&topic, Bytes::from_static(b"two"))
+            .await
+            .unwrap();
+        assert_eq!(c.recv().await.unwrap().body().as_ref(), b"two");
+        let discovered = c
+            .stats()
+            .discovered
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(discovered, 2);
+        // RDY was re-split between the two connections (8 = 4 + 4).
+        d1.wait_for(|s| s.command("RDY") >= 2).await;
+    })
+    .await
+}
