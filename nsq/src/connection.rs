@@ -277,6 +277,9 @@ impl Connection {
     }
 }
 
+/// A connection that lived this long counts as healthy: losing it resets the back-off.
+pub const STABLE_SESSION: Duration = Duration::from_secs(10);
+
 /// Exponential reconnect back-off with jitter: `initial`, doubling up to `max`, each delay
 /// drawn uniformly from its upper half so that nodes restarted together do not reconnect in
 /// lock-step.
@@ -298,6 +301,20 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// What to do after a session that lasted `lived` ended: one that lived at least
+    /// [`STABLE_SESSION`] reconnects at once and resets the count; one that died young waits
+    /// `delay(attempt)` and counts, so a flapping nsqd is not hammered.
+    pub fn after_session(&self, lived: Duration, attempt: &mut u32) -> Option<Duration> {
+        if lived >= STABLE_SESSION {
+            *attempt = 0;
+            None
+        } else {
+            let delay = self.delay(*attempt);
+            *attempt = attempt.saturating_add(1);
+            Some(delay)
+        }
+    }
+
     /// The delay before reconnect attempt `attempt` (0-based).
     pub fn delay(&self, attempt: u32) -> Duration {
         let base = self

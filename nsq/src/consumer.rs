@@ -55,8 +55,11 @@ pub struct ConsumerConfig {
     pub max_in_flight: u32,
     /// IDENTIFY settings and limits.
     pub connection: ConnectionConfig,
-    /// Delay of the REQ sent for a [`Delivery`] dropped without FIN or REQ.
+    /// Delay of the REQ sent for a [`Delivery`] dropped without FIN or REQ, and the step of
+    /// [`Delivery::req_backoff`].
     pub requeue_delay: Duration,
+    /// Largest delay [`Delivery::req_backoff`] asks for.
+    pub max_requeue_delay: Duration,
     /// Reconnect back-off.
     pub backoff: Backoff,
 }
@@ -73,6 +76,7 @@ impl ConsumerConfig {
             max_in_flight: 256,
             connection: ConnectionConfig::default(),
             requeue_delay: Duration::from_secs(1),
+            max_requeue_delay: Duration::from_secs(60),
             backoff: Backoff::default(),
         }
     }
@@ -111,6 +115,8 @@ pub struct Delivery {
     message: Message,
     acks: mpsc::Sender<Ack>,
     requeue_delay_ms: u64,
+    max_requeue_delay_ms: u64,
+    msg_timeout: Duration,
     answered: bool,
 }
 
@@ -138,6 +144,22 @@ impl Delivery {
     /// The whole message.
     pub fn message(&self) -> &Message {
         &self.message
+    }
+
+    /// The msg timeout nsqd applies to this message (from IDENTIFY): a commit that may take
+    /// longer should [`Delivery::touch`] before it runs out, or nsqd redelivers the message.
+    pub fn msg_timeout(&self) -> Duration {
+        self.msg_timeout
+    }
+
+    /// `REQ` with back-off for a failed commit: `requeue_delay x attempts`, at most
+    /// `max_requeue_delay`.
+    pub async fn req_backoff(self) -> Result<(), AckError> {
+        let ms = self
+            .requeue_delay_ms
+            .saturating_mul(self.message.attempts as u64)
+            .min(self.max_requeue_delay_ms);
+        self.req(Duration::from_millis(ms)).await
     }
 
     /// `FIN`: done with the message (call only after the durable commit).
@@ -407,14 +429,24 @@ async fn run(
                 }
             }
         };
-        attempt = 0;
         stats.connects.fetch_add(1, Ordering::Relaxed);
         info!(nsqd = %conn.peer(), topic = %config.topic, channel = %config.channel, "nsq consumer subscribed");
+        let started = tokio::time::Instant::now();
         match session(&config, &me, &mut conn, &tx, &mut max_rx, &stats, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 warn!(nsqd = %conn.peer(), error = %e, "nsq consumer connection lost; reconnecting")
             }
+        }
+        match config
+            .backoff
+            .after_session(started.elapsed(), &mut attempt)
+        {
+            None => {}
+            Some(delay) => tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            },
         }
     }
 }
@@ -438,6 +470,8 @@ async fn session(
     stats.rdys.fetch_add(1, Ordering::Relaxed);
     let (ack_tx, mut ack_rx) = mpsc::channel::<Ack>(rdy.max(1) as usize * 2 + 16);
     let requeue_delay_ms = config.requeue_delay.as_millis() as u64;
+    let max_requeue_delay_ms = config.max_requeue_delay.as_millis() as u64;
+    let msg_timeout = Duration::from_millis(conn.settings().msg_timeout);
     let mut buffer: VecDeque<Delivery> = VecDeque::new();
     let mut in_flight: u64 = 0;
     let mut closing = false;
@@ -453,6 +487,8 @@ async fn session(
                             message,
                             acks: ack_tx.clone(),
                             requeue_delay_ms,
+                            max_requeue_delay_ms,
+                            msg_timeout,
                             answered: false,
                         });
                     }

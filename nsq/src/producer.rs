@@ -258,22 +258,35 @@ async fn run(
                 warn!(nsqd = %addr, error = %e, ?delay, "nsq producer cannot connect; retrying");
                 attempt = attempt.saturating_add(1);
                 next_addr += 1;
+                // Every handle is gone and nothing waits: stop retrying.
+                if rx.is_closed() && rx.is_empty() && carry.is_none() {
+                    break;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
                     _ = shutdown.cancelled() => break,
                 }
             }
         };
-        attempt = 0;
         stats
             .connects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(nsqd = %conn.peer(), "nsq producer connected");
+        let started = tokio::time::Instant::now();
         match session(&config, &mut conn, &mut rx, &mut carry, &stats, &shutdown).await {
             Ok(()) => break,
             Err(e) => {
                 warn!(nsqd = %conn.peer(), error = %e, "nsq producer connection lost; reconnecting");
                 next_addr += 1;
+            }
+        }
+        if let Some(delay) = config
+            .backoff
+            .after_session(started.elapsed(), &mut attempt)
+        {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => break,
             }
         }
     }

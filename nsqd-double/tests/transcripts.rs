@@ -216,12 +216,13 @@ async fn replay(file: &str, case: &Value) {
                     Read::Quiet => panic!("{what}: expected EOF within 5 s"),
                 }
                 // The heartbeat-timeout close comes 2 x heartbeat_interval after the last
-                // command the server read (here 1000 ms heartbeats).
+                // command the server read (here 1000 ms heartbeats); the upper bound leaves
+                // room for a loaded 2-core machine.
                 if file == "heartbeat-timeout.json" || name.starts_with("mpub_count_too") {
                     let quiet_for = c.last_send.elapsed();
                     assert!(
                         quiet_for >= Duration::from_millis(1900)
-                            && quiet_for < Duration::from_millis(2600),
+                            && quiet_for < Duration::from_millis(3500),
                         "{what}: closed {quiet_for:?} after the last command"
                     );
                 }
