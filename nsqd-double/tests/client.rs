@@ -672,3 +672,60 @@ async fn batches_respect_topic_runs_and_caps() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_full_queue_pushes_back_and_queued_publishes_wait_for_nsqd() {
+    bounded(20, async {
+        // An address with nothing listening yet.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let mut config = ProducerConfig::new(vec![addr.to_string()]);
+        config.queue_capacity = 4;
+        config.backoff = fast_backoff();
+        let p = Producer::start(config);
+        let topic = Topic::new("t19").unwrap();
+        let mut receipts = Vec::new();
+        for i in 0..4u8 {
+            receipts.push(p.try_enqueue(&topic, Bytes::from(vec![i + 1])).unwrap());
+        }
+        assert_eq!(
+            p.try_enqueue(&topic, Bytes::from_static(b"x")).unwrap_err(),
+            PublishError::QueueFull
+        );
+        let mut blocked = Box::pin(p.enqueue(&topic, Bytes::from_static(b"5")));
+        assert!(futures::poll!(blocked.as_mut()).is_pending());
+        // nsqd comes up on that address: everything queued goes out.
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let d = NsqdDouble::start_on(listener, DoubleConfig::default()).unwrap();
+        receipts.push(blocked.await.unwrap());
+        for r in receipts {
+            r.await.unwrap();
+        }
+        assert_eq!(d.stats().published, 5);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_binary_says_it_is_a_test_double_and_serves() {
+    bounded(20, async {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-nsqd-double"))
+            .args(["--tcp-address", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        assert!(line.contains("TEST DOUBLE"), "{line}");
+        let addr = line.rsplit(' ').next().unwrap().to_string();
+        let p = Producer::start(ProducerConfig::new(vec![addr]));
+        p.publish(&Topic::new("t20").unwrap(), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        child.kill().await.unwrap();
+    })
+    .await
+}
