@@ -134,13 +134,31 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>, dropped: Cance
                     _ = dropped.cancelled() => None,
                     _ = done.cancelled() => None,
                 };
-                match out {
-                    Some(Out::Bytes(b)) => {
-                        if write.write_all(&b).await.is_err() {
+                // Everything ready goes out in one write.
+                let mut batch = BytesMut::new();
+                let mut close = false;
+                let mut next = out;
+                loop {
+                    match next {
+                        Some(Out::Bytes(b)) => batch.extend_from_slice(&b),
+                        Some(Out::Close) | None => {
+                            close = true;
                             break;
                         }
                     }
-                    Some(Out::Close) | None => break,
+                    if batch.len() >= 64 * 1024 {
+                        break;
+                    }
+                    match out_rx.try_recv() {
+                        Ok(more) => next = Some(more),
+                        Err(_) => break,
+                    }
+                }
+                if !batch.is_empty() && write.write_all(&batch).await.is_err() {
+                    break;
+                }
+                if close {
+                    break;
                 }
             }
             let _ = write.shutdown().await;
