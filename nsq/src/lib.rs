@@ -61,8 +61,9 @@
 //!   features (TLS, compression, auth) the bus does not use.
 //!
 //! So this crate is a focused client over tokio and tokio-util's codec: only what the bus
-//! needs (about 2,300 lines with its unit tests), tested byte for byte against captures of a real nsqd v1.3.0
-//! (`tests/transcripts/`) and end to end against the test double (`ferry-nsqd-double`).
+//! needs (about 2,300 lines with its unit tests), tested byte for byte against captures of a
+//! real nsqd v1.3.0 (`tests/transcripts/`) and end to end against the test double
+//! (`ferry-nsqd-double`).
 //!
 //! # Not yet here
 //!
