@@ -729,3 +729,46 @@ async fn the_binary_says_it_is_a_test_double_and_serves() {
     })
     .await
 }
+
+/// Not a correctness test: how fast producer -> double -> consumer goes on this machine
+/// (`cargo test --release -p ferry-nsqd-double --test client throughput -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    bounded(120, async {
+        let d = double().await;
+        let topic = Topic::new("bench").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "bench", 2500)).unwrap();
+        let n = 200_000u32;
+        let body = Bytes::from(vec![b'x'; 200]);
+        let start = std::time::Instant::now();
+        let consume = tokio::spawn(async move {
+            for _ in 0..n {
+                c.recv().await.unwrap().fin().await.unwrap();
+            }
+        });
+        let mut receipts = std::collections::VecDeque::new();
+        for _ in 0..n {
+            receipts.push_back(p.enqueue(&topic, body.clone()).await.unwrap());
+            if receipts.len() > 4000 {
+                receipts.pop_front().unwrap().await.unwrap();
+            }
+        }
+        for r in receipts {
+            r.await.unwrap();
+        }
+        let published = start.elapsed();
+        consume.await.unwrap();
+        let all = start.elapsed();
+        let s = d.stats();
+        println!(
+            "{n} x 200 B: published in {published:?} ({:.0}/s, {} PUB + {} MPUB), consumed+FINed in {all:?} ({:.0}/s)",
+            n as f64 / published.as_secs_f64(),
+            s.command("PUB"),
+            s.command("MPUB"),
+            n as f64 / all.as_secs_f64()
+        );
+    })
+    .await
+}
