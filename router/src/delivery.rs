@@ -383,3 +383,63 @@ async fn run_sync(shared: Arc<Hub>, conn: Arc<Conn>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, body_len: usize) -> proto::Deliver {
+        proto::Deliver {
+            seq,
+            msg_id: 1000 + seq,
+            from: "alice".into(),
+            conversation: Some(proto::Conversation {
+                kind: proto::ConversationKind::Direct as i32,
+                id: "bob".into(),
+            }),
+            content_type: "text/plain".into(),
+            body: vec![b'x'; body_len].into(),
+            server_time_ms: 7,
+            kind: proto::EntryKind::Message as i32,
+            client_msg_id: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_frame_becomes_a_placeholder_in_place() {
+        let entries = vec![entry(1, 10), entry(2, 5000), entry(3, 10)];
+        let (chunks, omissions) = chunk_entries(entries, 2048);
+        assert_eq!(omissions, 1);
+        let all: Vec<proto::Deliver> = chunks.concat();
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let placeholder = &all[1];
+        assert_eq!(placeholder.kind(), proto::EntryKind::Omitted);
+        assert_eq!(placeholder.msg_id, 1002);
+        assert_eq!(placeholder.from, "alice");
+        assert_eq!(placeholder.client_msg_id, 3);
+        assert!(placeholder.body.is_empty() && placeholder.content_type.is_empty());
+        for chunk in chunks {
+            let page = Frame::from(proto::SyncBatch {
+                request_id: u64::MAX,
+                entries: chunk,
+                has_more: true,
+                max_seq: u64::MAX,
+            });
+            assert!(page.encoded_len() <= 2048);
+        }
+    }
+
+    #[test]
+    fn live_fit_allows_for_the_largest_seq() {
+        let max = 2048;
+        let fits = (0..max).rev().find(|&n| live_entry_fits(n, max)).unwrap();
+        let mut e = entry(u64::MAX, 0);
+        e.body = vec![b'x'; fits - e.encoded_len()].into();
+        assert_eq!(e.encoded_len(), fits);
+        // The writer's frame: Frame{deliver} with the seq spliced in.
+        assert!(Frame::from(e.clone()).encoded_len() <= max);
+        assert!(!live_entry_fits(fits + 1, max));
+        assert!(live_entry_fits(omitted(&entry(1, 60_000)).encoded_len(), max));
+    }
+}
