@@ -46,7 +46,9 @@ use axum::routing::{delete, get, post};
 use base64::Engine;
 use bytes::Bytes;
 use ferry_protocol::ErrorCode;
-use ferry_protocol::limits::{self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_KICK_MESSAGE_BYTES};
+use ferry_protocol::limits::{
+    self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_KICK_MESSAGE_BYTES,
+};
 use ferry_protocol::proto::GroupRole;
 use ferry_storage::{Group, GroupChange, Op, Outcome, Refusal, Target};
 use serde::{Deserialize, Serialize};

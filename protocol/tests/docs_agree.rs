@@ -40,7 +40,10 @@ fn row<'a>(section: &'a str, name: &str) -> Option<Vec<&'a str>> {
 fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
     let start = doc.find(heading).unwrap_or_else(|| panic!("{heading}"));
     let rest = &doc[start + heading.len()..];
-    let end = rest.find("\n### ").or(rest.find("\n## ")).unwrap_or(rest.len());
+    let end = rest
+        .find("\n### ")
+        .or(rest.find("\n## "))
+        .unwrap_or(rest.len());
     &rest[..end]
 }
 

@@ -440,6 +440,9 @@ mod tests {
         // The writer's frame: Frame{deliver} with the seq spliced in.
         assert!(Frame::from(e.clone()).encoded_len() <= max);
         assert!(!live_entry_fits(fits + 1, max));
-        assert!(live_entry_fits(omitted(&entry(1, 60_000)).encoded_len(), max));
+        assert!(live_entry_fits(
+            omitted(&entry(1, 60_000)).encoded_len(),
+            max
+        ));
     }
 }

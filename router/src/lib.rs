@@ -447,8 +447,12 @@ impl Router {
             Ok(to) => to,
             Err((code, message)) => return fail(code, message),
         };
-        if let Err(e) = limits::check_len("content_type", &send.content_type, 0, MAX_CONTENT_TYPE_BYTES)
-        {
+        if let Err(e) = limits::check_len(
+            "content_type",
+            &send.content_type,
+            0,
+            MAX_CONTENT_TYPE_BYTES,
+        ) {
             return fail(ErrorCode::InvalidRequest, e.to_string());
         }
         let size = send.body.len() + send.content_type.len();

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_e2e::*;
+use ferry_protocol::ErrorCode;
 use ferry_protocol::client::Client;
 use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
-use ferry_protocol::ErrorCode;
 
 fn direct(id: &str) -> Option<proto::Conversation> {
     Some(proto::Conversation {
@@ -51,7 +51,11 @@ async fn next_error(client: &mut Client) -> proto::Error {
 }
 
 /// Logs in at `last_seq` and returns the login sync's entries.
-async fn login_sync(server: &TestServer, user: &str, last_seq: u64) -> (Client, Vec<proto::Deliver>) {
+async fn login_sync(
+    server: &TestServer,
+    user: &str,
+    last_seq: u64,
+) -> (Client, Vec<proto::Deliver>) {
     let mut c = server.connect().await;
     within(c.authenticate(&server.token(user), "phone", last_seq))
         .await
@@ -96,7 +100,11 @@ async fn a_group_name_over_the_limit_is_refused_and_wedges_nobody() {
     assert_eq!(e.code(), ErrorCode::InvalidRequest);
     assert_eq!(e.request_id, 41);
     assert!(!e.closing);
-    assert!(e.message.contains("name") && e.message.contains("256"), "{}", e.message);
+    assert!(
+        e.message.contains("name") && e.message.contains("256"),
+        "{}",
+        e.message
+    );
     assert_alive(&mut alice).await;
     // Nothing was stored: bob's login sync completes, empty.
     let (mut bob, entries) = login_sync(&server, "bob", 0).await;
@@ -206,7 +214,10 @@ async fn admin_inputs_over_their_limits_get_400() {
         server.http,
         "POST",
         "/admin/users/bob/messages",
-        Some(&format!(r#"{{"text":"hi","content_type":"{}"}}"#, "t".repeat(129))),
+        Some(&format!(
+            r#"{{"text":"hi","content_type":"{}"}}"#,
+            "t".repeat(129)
+        )),
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
@@ -227,9 +238,15 @@ async fn an_entry_too_large_for_the_frame_size_is_sent_as_omitted() {
     let server = TestServer::start().await;
     let dir: Arc<tempfile::TempDir> = server.dir.clone();
     let (mut alice, _) = login_sync(&server, "alice", 0).await;
-    alice.send(send_to("bob", 1, vec![b'x'; 20_000])).await.unwrap();
+    alice
+        .send(send_to("bob", 1, vec![b'x'; 20_000]))
+        .await
+        .unwrap();
     let big = await_ack(&mut alice, 1).await;
-    alice.send(send_to("bob", 2, b"after".to_vec())).await.unwrap();
+    alice
+        .send(send_to("bob", 2, b"after".to_vec()))
+        .await
+        .unwrap();
     let small = await_ack(&mut alice, 2).await;
     drop(alice);
     server.stop().await;
@@ -274,7 +291,10 @@ async fn an_entry_too_large_for_the_frame_size_is_sent_as_omitted() {
     let kinds: Vec<_> = batch.entries.iter().map(|e| (e.seq, e.kind())).collect();
     assert_eq!(
         kinds,
-        [(1, proto::EntryKind::Omitted), (2, proto::EntryKind::Message)]
+        [
+            (1, proto::EntryKind::Omitted),
+            (2, proto::EntryKind::Message)
+        ]
     );
 
     // So does History.
