@@ -843,6 +843,72 @@ mod tests {
     }
 
     #[test]
+    fn every_group_op_checks_its_strings_at_the_edge() {
+        let long = "x".repeat(65);
+        let many: Vec<String> = (0..501).map(|i| format!("u{i}")).collect();
+        let refused = [
+            GroupOp::Create(proto::CreateGroup {
+                group_id: long.clone(),
+                ..Default::default()
+            }),
+            GroupOp::Create(proto::CreateGroup {
+                name: "n".repeat(257),
+                ..Default::default()
+            }),
+            GroupOp::Create(proto::CreateGroup {
+                members: many.clone(),
+                ..Default::default()
+            }),
+            GroupOp::AddMembers(proto::AddMembers {
+                group_id: "g".into(),
+                members: vec![long.clone()],
+            }),
+            GroupOp::RemoveMembers(proto::RemoveMembers {
+                group_id: "g".into(),
+                members: many,
+            }),
+            GroupOp::Leave(proto::LeaveGroup {
+                group_id: "".into(),
+            }),
+            GroupOp::Dissolve(proto::DissolveGroup {
+                group_id: long.clone(),
+            }),
+            GroupOp::ListMembers(proto::ListMembers {
+                group_id: "g".repeat(300),
+                ..Default::default()
+            }),
+            GroupOp::ListMembers(proto::ListMembers {
+                group_id: "g".into(),
+                after_user_id: long.clone(),
+                limit: 0,
+            }),
+            GroupOp::SetRole(proto::SetRole {
+                group_id: "g".into(),
+                user_id: "".into(),
+                role: 2,
+            }),
+        ];
+        for op in &refused {
+            assert!(check_group_op(op).is_err(), "{op:?}");
+        }
+        let fine = [
+            GroupOp::Create(proto::CreateGroup {
+                group_id: "".into(),
+                name: "n".repeat(256),
+                members: vec!["m".repeat(64)],
+            }),
+            GroupOp::ListMembers(proto::ListMembers {
+                group_id: "g".repeat(64),
+                after_user_id: "".into(),
+                limit: 0,
+            }),
+        ];
+        for op in &fine {
+            assert_eq!(check_group_op(op), Ok(()), "{op:?}");
+        }
+    }
+
+    #[test]
     fn a_name_that_fills_the_frame_is_left_out_rather_than_every_member() {
         let ids = vec!["m".repeat(64), "n".repeat(64)];
         let g = group(&"x".repeat(300), &ids);
