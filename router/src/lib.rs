@@ -7,7 +7,7 @@
 //!   storage on blocking threads (never on a runtime thread: group lookups
 //!   go through [`Router::lookup_group`]). Every client-supplied string is
 //!   checked here against [`ferry_protocol::limits`] before anything else
-//!   sees it ([`check_group_op`], [`target_of`]).
+//!   sees it ([`check_group_op`], `target_of`).
 //! - `delivery`: what happens after a batch is durable: acks, replies, and
 //!   the fan-out of inbox entries to online connections.
 //!
