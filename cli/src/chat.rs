@@ -758,6 +758,7 @@ pub fn describe(entry: &proto::Deliver, me: &str) -> String {
                 GroupEventKind::Unspecified => format!("{who} changed the group"),
             }
         }
+        EntryKind::Omitted => format!("(message {} from {who} unavailable)", entry.msg_id),
         EntryKind::Unspecified => format!("(entry of an unknown kind from {who})"),
     };
     format!("{position} {conv} {what}")

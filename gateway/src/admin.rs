@@ -28,6 +28,11 @@
 //! `kind = SYSTEM` and an empty sender. Group changes act as the group's
 //! owner (the storage's permission rules apply as to them), so the
 //! membership events members see name the owner as `from`.
+//!
+//! Reads go through the router too ([`ferry_router::Router::lookup_group`],
+//! [`ferry_router::member_page`]): the gateway never touches storage, and
+//! no RocksDB read runs on a runtime thread. Every string a caller gives is
+//! checked against [`ferry_protocol::limits`], like a client's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +46,9 @@ use axum::routing::{delete, get, post};
 use base64::Engine;
 use bytes::Bytes;
 use ferry_protocol::ErrorCode;
+use ferry_protocol::limits::{
+    self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_KICK_MESSAGE_BYTES,
+};
 use ferry_protocol::proto::GroupRole;
 use ferry_storage::{Group, GroupChange, Op, Outcome, Refusal, Target};
 use serde::{Deserialize, Serialize};
@@ -49,7 +57,6 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::{debug, info};
 
-use crate::auth::MAX_ID_BYTES;
 use crate::metrics as m;
 use crate::server::ServerState;
 
@@ -59,9 +66,6 @@ pub const MEMBERS_PAGE: usize = 100;
 pub const MEMBERS_PAGE_MAX: usize = 1000;
 /// How long a write may wait for its commit before the call answers 503.
 const COMMIT_WAIT: Duration = Duration::from_secs(10);
-/// Room a message leaves in a frame for everything but its body and type
-/// (the router's own headroom).
-const FRAME_HEADROOM: usize = 1024;
 
 /// The admin bearer token, kept only as its SHA-256 digest.
 pub struct AdminToken {
@@ -267,17 +271,20 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
-    if id.is_empty() || id.len() > MAX_ID_BYTES {
-        return Err(bad_request(format!(
-            "{what} must be 1..={MAX_ID_BYTES} bytes"
-        )));
-    }
-    Ok(())
+/// An id of 1..=64 bytes ([`limits::check_id`]), or 400.
+fn check_id(what: &'static str, id: &str) -> Result<(), ApiError> {
+    limits::check_id(what, id).map_err(|e| bad_request(e.to_string()))
 }
 
-fn check_ids(what: &str, ids: &[String]) -> Result<(), ApiError> {
-    ids.iter().try_for_each(|id| check_id(what, id))
+/// A string of `min..=max` bytes ([`limits::check_len`]), or 400.
+fn check_len(what: &'static str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    limits::check_len(what, value, min, max).map_err(|e| bad_request(e.to_string()))
+}
+
+/// A list of user ids for one group change ([`limits::check_user_list`]:
+/// at most 500, each 1..=64 bytes), or 400.
+fn check_users(what: &'static str, ids: &[String]) -> Result<(), ApiError> {
+    limits::check_user_list(what, ids).map_err(bad_request)
 }
 
 /// Submits `op` to the committer and waits for its outcome; a refusal or
@@ -315,13 +322,14 @@ async fn commit(state: &AdminState, op: Op) -> Result<Outcome, ApiError> {
     }
 }
 
-fn group_of(state: &AdminState, id: &str) -> Result<Arc<Group>, ApiError> {
+/// The group `id`, read through the router (on a blocking thread), or 404.
+async fn group_of(state: &AdminState, id: &str) -> Result<Arc<Group>, ApiError> {
     check_id("group id", id)?;
     state
         .shared
         .router
-        .storage()
-        .group(id)
+        .lookup_group(id)
+        .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .ok_or_else(|| {
             error(
@@ -403,7 +411,8 @@ async fn create_group(
         check_id("group_id", id)?;
     }
     check_id("owner", &req.owner)?;
-    check_ids("members", &req.members)?;
+    check_len("name", &req.name, 0, MAX_GROUP_NAME_BYTES)?;
+    check_users("members", &req.members)?;
     let op = Op::Group {
         actor: req.owner.as_str().into(),
         change: GroupChange::Create {
@@ -429,7 +438,7 @@ async fn get_group(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let group = group_of(&state, &id)?;
+    let group = group_of(&state, &id).await?;
     Ok(axum::Json(group_info(&group)).into_response())
 }
 
@@ -438,7 +447,7 @@ async fn dissolve_group(
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let group = group_of(&state, &id)?;
+    let group = group_of(&state, &id).await?;
     let op = Op::Group {
         actor: group.meta.owner.as_str().into(),
         change: GroupChange::Dissolve {
@@ -483,24 +492,14 @@ async fn list_members(
             }
         },
     };
-    let group = group_of(&state, &id)?;
     let after = page.after.unwrap_or_default();
-    // Paged by user id rather than join order: a cursor by id stays valid
-    // while members join and leave between pages. Selecting the page is
-    // O(members); sorting only the page keeps a 10,000-member group cheap.
-    let mut rest: Vec<&Arc<str>> = group
-        .members
-        .iter()
-        .filter(|m| m.as_ref() > after.as_str())
-        .collect();
-    let more = rest.len() > limit;
-    if more {
-        rest.select_nth_unstable(limit);
-        rest.truncate(limit);
-    }
-    rest.sort_unstable();
-    let next_after = if more {
-        rest.last().map(|m| m.to_string())
+    check_len("after", &after, 0, limits::MAX_ID_BYTES)?;
+    let group = group_of(&state, &id).await?;
+    // The router's pager (the one `ListMembers` uses): by user id, so a
+    // cursor stays valid while members join and leave between pages.
+    let page = ferry_router::member_page(&group, &after, limit);
+    let next_after = if page.has_more {
+        page.members.last().map(|(m, _)| m.to_string())
     } else {
         None
     };
@@ -516,11 +515,12 @@ async fn list_members(
         members: Vec<Member<'a>>,
         next_after: Option<String>,
     }
-    let members = rest
+    let members = page
+        .members
         .iter()
-        .map(|m| Member {
+        .map(|(m, role)| Member {
             user_id: m,
-            role: role_name(group.role(m).unwrap_or(GroupRole::Member)),
+            role: role_name(*role),
         })
         .collect();
     ok(Page {
@@ -553,7 +553,7 @@ fn parse_members(body: &[u8]) -> Result<Vec<String>, ApiError> {
     if req.members.is_empty() {
         return Err(bad_request("members must not be empty"));
     }
-    check_ids("members", &req.members)?;
+    check_users("members", &req.members)?;
     Ok(req.members)
 }
 
@@ -564,7 +564,7 @@ async fn add_members(
 ) -> ApiResult {
     let Path(id) = id?;
     let members = parse_members(&body?)?;
-    let group = group_of(&state, &id)?;
+    let group = group_of(&state, &id).await?;
     let op = Op::Group {
         actor: group.meta.owner.as_str().into(),
         change: GroupChange::Add {
@@ -583,7 +583,7 @@ async fn add_members(
 }
 
 async fn remove(state: &AdminState, id: String, members: Vec<String>) -> ApiResult {
-    let group = group_of(state, &id)?;
+    let group = group_of(state, &id).await?;
     let op = Op::Group {
         actor: group.meta.owner.as_str().into(),
         change: GroupChange::Remove {
@@ -617,7 +617,7 @@ async fn remove_member(
 ) -> ApiResult {
     let Path((id, user)) = ids?;
     check_id("user id", &user)?;
-    if !group_of(&state, &id)?.is_member(&user) {
+    if !group_of(&state, &id).await?.is_member(&user) {
         return Err(error(
             StatusCode::NOT_FOUND,
             "not_a_member",
@@ -674,7 +674,8 @@ async fn system_message(state: &AdminState, to: Target, body: &[u8]) -> ApiResul
             .map_err(|e| bad_request(format!("body_base64: {e}")))?,
         _ => return Err(bad_request("give exactly one of text and body_base64")),
     };
-    let max = (state.shared.config.max_frame_bytes as usize).saturating_sub(FRAME_HEADROOM);
+    check_len("content_type", &req.content_type, 0, MAX_CONTENT_TYPE_BYTES)?;
+    let max = limits::send_content_limit(state.shared.config.max_frame_bytes as usize);
     if body.len() + req.content_type.len() > max {
         return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -748,6 +749,9 @@ async fn kick_user(
     };
     if let Some(device) = &req.device_id {
         check_id("device_id", device)?;
+    }
+    if let Some(message) = &req.message {
+        check_len("message", message, 0, MAX_KICK_MESSAGE_BYTES)?;
     }
     let message = req
         .message

@@ -204,6 +204,10 @@ fn describe_all() {
         "Inbox entries fanned out to recipients (online or not)"
     );
     describe_counter!("ferry_sync_pages_total", "Sync pages served");
+    describe_counter!(
+        "ferry_entries_omitted_total",
+        "Entries too large for a frame, sent as ENTRY_KIND_OMITTED placeholders"
+    );
 }
 
 const KINDS: &[&str] = &[

@@ -6,6 +6,13 @@
 //! for every user. It never blocks: a push is a short lock and a
 //! `VecDeque::push_back`, and an entry is encoded once per fan-out, however
 //! many recipients it has.
+//!
+//! It also owns the rule that no stored entry can wedge a device: an entry
+//! too large to go out in one frame (stored under a larger
+//! `max_frame_bytes`, or by a bug) is sent as an `ENTRY_KIND_OMITTED`
+//! placeholder with the same seq ([`omitted`]), live and in every page, so
+//! the device's cursor moves past it instead of the connection closing on
+//! every login.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -49,7 +56,10 @@ pub enum Reply {
     Admin(oneshot::Sender<Outcome>),
 }
 
-pub(crate) struct Shared {
+/// The delivery side of the router: the session registry, the storage it
+/// reads sync pages from, and the metrics of delivery. Shared by the router
+/// (requests) and the committer's sink (durable batches).
+pub(crate) struct Hub {
     pub sessions: Sessions,
     /// `ferry_deliveries_total`, resolved once (as are the next two).
     pub deliveries: metrics::Counter,
@@ -57,23 +67,26 @@ pub(crate) struct Shared {
     pub sync_pages: metrics::Counter,
     /// `ferry_send_ack_seconds`: from taking a Send in to queueing its ack.
     pub send_ack_seconds: metrics::Histogram,
+    /// `ferry_entries_omitted_total`: entries sent as OMITTED placeholders.
+    pub omitted: metrics::Counter,
     pub storage: Arc<Storage>,
     pub max_frame_bytes: usize,
     pub runtime: tokio::runtime::Handle,
     pub stopping: AtomicBool,
 }
 
-impl Shared {
+impl Hub {
     pub fn new(
         storage: Arc<Storage>,
         max_frame_bytes: usize,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Shared {
+        Hub {
             sessions: Sessions::new(),
             deliveries: metrics::counter!("ferry_deliveries_total"),
             sync_pages: metrics::counter!("ferry_sync_pages_total"),
             send_ack_seconds: metrics::histogram!("ferry_send_ack_seconds"),
+            omitted: metrics::counter!("ferry_entries_omitted_total"),
             storage,
             max_frame_bytes,
             runtime,
@@ -166,9 +179,21 @@ impl Shared {
     }
 
     /// Encodes the entry once and pushes it to every online connection of
-    /// every target.
+    /// every target. An entry whose `Deliver` frame would not fit in one
+    /// frame goes out as its OMITTED placeholder (the stored entry stays;
+    /// a sync under a larger frame size would still carry it).
     fn deliver(self: &Arc<Self>, fanout: &Fanout) {
-        let shared = Bytes::from(fanout.entry.encode_to_vec());
+        let mut encoded = fanout.entry.encode_to_vec();
+        if !live_entry_fits(encoded.len(), self.max_frame_bytes) {
+            self.omitted.increment(1);
+            tracing::warn!(
+                msg_id = fanout.entry.msg_id,
+                bytes = encoded.len(),
+                "entry too large for a frame: pushed as OMITTED"
+            );
+            encoded = omitted(&fanout.entry).encode_to_vec();
+        }
+        let shared = Bytes::from(encoded);
         self.deliveries.increment(fanout.targets.len() as u64);
         for (user, seq) in &fanout.targets {
             self.sessions.for_each_connection(user, |conn| {
@@ -226,19 +251,69 @@ pub fn group_reply(request_id: u64, group: &Group) -> proto::GroupReply {
     }
 }
 
+/// The placeholder sent instead of `entry` when `entry` cannot fit in one
+/// frame: kind `OMITTED`, the same seq, msg_id, from, conversation,
+/// server_time_ms, ref_msg_id and client_msg_id, and no content_type, body
+/// or group_event. A few hundred bytes at most (ids are at most 64 bytes),
+/// so it fits in the smallest frame a server may be configured with.
+pub fn omitted(entry: &proto::Deliver) -> proto::Deliver {
+    proto::Deliver {
+        seq: entry.seq,
+        msg_id: entry.msg_id,
+        from: entry.from.clone(),
+        conversation: entry.conversation.clone(),
+        server_time_ms: entry.server_time_ms,
+        kind: proto::EntryKind::Omitted as i32,
+        ref_msg_id: entry.ref_msg_id,
+        client_msg_id: entry.client_msg_id,
+        ..Default::default()
+    }
+}
+
+/// Whether a live `Deliver` frame built from an entry encoded (without its
+/// seq) in `encoded_len` bytes fits in `max_frame_bytes`, whatever seq the
+/// writer splices in (at most 11 bytes: a tag and a 10-byte varint).
+pub fn live_entry_fits(encoded_len: usize, max_frame_bytes: usize) -> bool {
+    let inner = encoded_len + 11;
+    1 + prost::encoding::encoded_len_varint(inner as u64) + inner <= max_frame_bytes
+}
+
+/// Room a page (`SyncBatch`, `HistoryPage`) leaves in a frame for entries.
+fn page_budget(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_sub(64 + LENGTH_PREFIX_BYTES)
+}
+
 /// Splits `entries` into runs that each fit in one frame, with room for a
-/// page's other fields. Always at least one run (maybe empty).
+/// page's other fields. Always at least one run (maybe empty). An entry
+/// that cannot fit in a frame on its own is replaced by its [`omitted`]
+/// placeholder, so that a page never carries what the writer cannot
+/// encode; the second value counts them.
 pub fn chunk_entries(
     entries: Vec<proto::Deliver>,
     max_frame_bytes: usize,
-) -> Vec<Vec<proto::Deliver>> {
-    let budget = max_frame_bytes.saturating_sub(64 + LENGTH_PREFIX_BYTES);
+) -> (Vec<Vec<proto::Deliver>>, usize) {
+    let budget = page_budget(max_frame_bytes);
     let mut chunks = Vec::new();
     let mut current = Vec::new();
     let mut used = 0;
-    for entry in entries {
+    let mut omissions = 0;
+    let framed = |entry: &proto::Deliver| {
         let len = entry.encoded_len();
-        let len = len + 1 + prost::encoding::encoded_len_varint(len as u64);
+        len + 1 + prost::encoding::encoded_len_varint(len as u64)
+    };
+    for mut entry in entries {
+        let mut len = framed(&entry);
+        if len > budget {
+            tracing::warn!(
+                seq = entry.seq,
+                msg_id = entry.msg_id,
+                bytes = len,
+                "entry too large for a frame: sent as OMITTED"
+            );
+            entry = omitted(&entry);
+            len = framed(&entry);
+            omissions += 1;
+        }
         if used + len > budget && !current.is_empty() {
             chunks.push(std::mem::take(&mut current));
             used = 0;
@@ -247,26 +322,29 @@ pub fn chunk_entries(
         current.push(entry);
     }
     chunks.push(current);
-    chunks
+    (chunks, omissions)
 }
 
-/// The first frame's worth of `entries`, and whether anything was cut.
+/// The first frame's worth of `entries` (oversized ones as placeholders,
+/// see [`chunk_entries`]), whether anything was cut, and how many entries
+/// were replaced by placeholders.
 pub fn fit_entries(
     entries: Vec<proto::Deliver>,
     max_frame_bytes: usize,
-) -> (Vec<proto::Deliver>, bool) {
-    let mut chunks = chunk_entries(entries, max_frame_bytes).into_iter();
+) -> (Vec<proto::Deliver>, bool, usize) {
+    let (chunks, omissions) = chunk_entries(entries, max_frame_bytes);
+    let mut chunks = chunks.into_iter();
     let first = chunks.next().unwrap_or_default();
-    (first, chunks.next().is_some())
+    (first, chunks.next().is_some(), omissions)
 }
 
 /// Streams `conn`'s missed entries from storage as SyncBatch frames, until
 /// it has caught up with everything committed; then live pushes resume.
-pub(crate) fn spawn_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
+pub(crate) fn spawn_sync(shared: Arc<Hub>, conn: Arc<Conn>) {
     shared.runtime.clone().spawn(run_sync(shared, conn));
 }
 
-async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
+async fn run_sync(shared: Arc<Hub>, conn: Arc<Conn>) {
     let pace = conn.limits().watermark();
     loop {
         let after = conn.delivered();
@@ -295,7 +373,8 @@ async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
         let page_is_last = !page.has_more;
         shared.sync_pages.increment(1);
         let result = conn.push_sync_page(last_seq, page_is_last, |has_more| {
-            let chunks = chunk_entries(page.entries, max);
+            let (chunks, omissions) = chunk_entries(page.entries, max);
+            shared.omitted.increment(omissions as u64);
             let count = chunks.len();
             chunks
                 .into_iter()
@@ -314,5 +393,77 @@ async fn run_sync(shared: Arc<Shared>, conn: Arc<Conn>) {
             Ok(true) | Err(_) => return,
             Ok(false) => conn.wait_below_bytes(pace).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, body_len: usize) -> proto::Deliver {
+        proto::Deliver {
+            seq,
+            msg_id: 1000 + seq,
+            from: "alice".into(),
+            conversation: Some(proto::Conversation {
+                kind: proto::ConversationKind::Direct as i32,
+                id: "bob".into(),
+            }),
+            content_type: "text/plain".into(),
+            body: vec![b'x'; body_len].into(),
+            server_time_ms: 7,
+            kind: proto::EntryKind::Message as i32,
+            client_msg_id: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_frame_becomes_a_placeholder_in_place() {
+        let entries = vec![entry(1, 10), entry(2, 5000), entry(3, 10)];
+        let (chunks, omissions) = chunk_entries(entries, 2048);
+        assert_eq!(omissions, 1);
+        let all: Vec<proto::Deliver> = chunks.concat();
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let placeholder = &all[1];
+        assert_eq!(placeholder.kind(), proto::EntryKind::Omitted);
+        assert_eq!(placeholder.msg_id, 1002);
+        assert_eq!(placeholder.from, "alice");
+        assert_eq!(placeholder.client_msg_id, 3);
+        assert!(placeholder.body.is_empty() && placeholder.content_type.is_empty());
+        for chunk in chunks {
+            let page = Frame::from(proto::SyncBatch {
+                request_id: u64::MAX,
+                entries: chunk,
+                has_more: true,
+                max_seq: u64::MAX,
+            });
+            assert!(page.encoded_len() <= 2048);
+        }
+    }
+
+    #[test]
+    fn live_fit_allows_for_the_largest_seq() {
+        let max = 2048;
+        let fits = (0..max).rev().find(|&n| live_entry_fits(n, max)).unwrap();
+        // The largest shared encoding (seq 0, as fan-out encodes it) that fits.
+        let mut e = entry(0, 0);
+        let body = (0..max)
+            .rev()
+            .find(|&n| {
+                e.body = vec![b'x'; n].into();
+                e.encoded_len() <= fits
+            })
+            .unwrap();
+        e.body = vec![b'x'; body].into();
+        assert!(fits - e.encoded_len() <= 2, "close to the bound");
+        // The writer's frame: Frame{deliver} with the largest seq spliced in.
+        e.seq = u64::MAX;
+        assert!(Frame::from(e.clone()).encoded_len() <= max);
+        assert!(!live_entry_fits(fits + 1, max));
+        assert!(live_entry_fits(
+            omitted(&entry(1, 60_000)).encoded_len(),
+            max
+        ));
     }
 }

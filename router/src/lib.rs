@@ -4,7 +4,10 @@
 //! - [`session`]: the online registry and the per-connection outbox.
 //! - [`Router`]: login/logout and every client request: validation, then
 //!   writes through the storage's group committer, reads straight from
-//!   storage on blocking threads.
+//!   storage on blocking threads (never on a runtime thread: group lookups
+//!   go through [`Router::lookup_group`]). Every client-supplied string is
+//!   checked here against [`ferry_protocol::limits`] before anything else
+//!   sees it ([`check_group_op`], `target_of`).
 //! - `delivery`: what happens after a batch is durable: acks, replies, and
 //!   the fan-out of inbox entries to online connections.
 //!
@@ -25,15 +28,19 @@ pub mod session;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ferry_protocol::limits::{self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_ID_BYTES};
 use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
 use ferry_protocol::{ErrorCode, Frame};
-use ferry_storage::{CommitOptions, Committer, GroupChange, Op, Storage, StorageError, Target};
+use ferry_storage::{
+    CommitOptions, Committer, Group, GroupChange, Op, Storage, StorageError, Target,
+};
 use prost::Message;
 use session::{Conn, RequestSlot, Sessions};
 
 pub use delivery::Reply;
 
 /// Milliseconds since the Unix epoch.
+// TODO(merge): storage has two copies of this; the lead unifies them.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -84,10 +91,8 @@ pub const SYNC_PAGE_MAX: usize = 1000;
 pub const HISTORY_PAGE: usize = 50;
 /// Largest History page.
 pub const HISTORY_PAGE_MAX: usize = 200;
-/// Room left in a frame for everything but the app's content.
-const FRAME_HEADROOM: usize = 1024;
 /// Default `list_members` page (`ListMembers.limit` = 0). About 20 KiB with
-/// 16-byte user ids; with 64-byte ids the frame cut (see [`members_page`])
+/// 16-byte user ids; with 64-byte ids the frame cut (see `members_page`)
 /// shortens the page instead.
 pub const MEMBERS_PAGE: usize = 1000;
 /// Largest `list_members` page a client may ask for: a 10,000-member group
@@ -99,7 +104,7 @@ const GROUP_REPLY_HEADROOM: usize = 64;
 /// Routes the requests of authenticated connections.
 pub struct Router {
     config: RouterConfig,
-    shared: Arc<delivery::Shared>,
+    shared: Arc<delivery::Hub>,
     committer: Committer<Reply>,
 }
 
@@ -107,11 +112,16 @@ fn invalid(message: impl Into<String>) -> (ErrorCode, String) {
     (ErrorCode::InvalidRequest, message.into())
 }
 
+/// A limit violation as the `INVALID_REQUEST` answering it.
+fn over_limit(e: limits::LimitError) -> (ErrorCode, String) {
+    invalid(e.to_string())
+}
+
+/// The target of a request's `conversation`, its id checked against
+/// [`limits::MAX_ID_BYTES`].
 fn target_of(conv: Option<&proto::Conversation>) -> Result<Target, (ErrorCode, String)> {
     let conv = conv.ok_or_else(|| invalid("conversation is required"))?;
-    if conv.id.is_empty() || conv.id.len() > 64 {
-        return Err(invalid("conversation id must be 1..=64 bytes"));
-    }
+    limits::check_id("conversation.id", &conv.id).map_err(over_limit)?;
     match conv.kind() {
         proto::ConversationKind::Direct => Ok(Target::Direct(conv.id.as_str().into())),
         proto::ConversationKind::Group => Ok(Target::Group(conv.id.as_str().into())),
@@ -119,44 +129,106 @@ fn target_of(conv: Option<&proto::Conversation>) -> Result<Target, (ErrorCode, S
     }
 }
 
-/// One `list_members` page of `group`: the members whose user id sorts
-/// (bytewise) after `after`, ascending, at most `limit` of them, and no
-/// more than fit in one frame of `max_frame_bytes` with the `Frame` wrapper.
-/// `has_more` says members remain after the page.
+/// Checks every client-supplied string of a group op against
+/// [`ferry_protocol::limits`]: group ids and user ids 1..=64 bytes (a
+/// `create`'s `group_id` may be empty: the server picks one), names up to
+/// [`MAX_GROUP_NAME_BYTES`], user lists up to
+/// [`limits::MAX_USERS_PER_CHANGE`]. The message names the field and the
+/// limit. Runs before anything reads storage or builds a key.
+pub fn check_group_op(op: &GroupOp) -> Result<(), String> {
+    let id = |field, value: &str| limits::check_id(field, value).map_err(|e| e.to_string());
+    match op {
+        GroupOp::Create(c) => {
+            limits::check_len("group_id", &c.group_id, 0, MAX_ID_BYTES)
+                .and_then(|()| limits::check_len("name", &c.name, 0, MAX_GROUP_NAME_BYTES))
+                .map_err(|e| e.to_string())?;
+            limits::check_user_list("members", &c.members)
+        }
+        GroupOp::AddMembers(a) => {
+            id("group_id", &a.group_id)?;
+            limits::check_user_list("members", &a.members)
+        }
+        GroupOp::RemoveMembers(r) => {
+            id("group_id", &r.group_id)?;
+            limits::check_user_list("members", &r.members)
+        }
+        GroupOp::Leave(l) => id("group_id", &l.group_id),
+        GroupOp::Dissolve(d) => id("group_id", &d.group_id),
+        GroupOp::ListMembers(l) => {
+            id("group_id", &l.group_id)?;
+            limits::check_len("after_user_id", &l.after_user_id, 0, MAX_ID_BYTES)
+                .map_err(|e| e.to_string())
+        }
+        GroupOp::SetRole(s) => {
+            id("group_id", &s.group_id)?;
+            id("user_id", &s.user_id)
+        }
+    }
+}
+
+/// One page of a group's members, in bytewise ascending user id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberPage {
+    /// The members and their roles.
+    pub members: Vec<(Arc<str>, proto::GroupRole)>,
+    /// Members after the last one of the page remain.
+    pub has_more: bool,
+}
+
+/// The members of `group` whose user id sorts (bytewise) after `after`,
+/// ascending, at most `limit` of them (at least 1). The one member pager,
+/// used by `ListMembers` (`members_page` cuts it further to a frame) and
+/// by the admin API.
 ///
 /// Members are kept in join order (fan-out iterates them), so the page is
 /// picked in O(members) and only the page is sorted: a 10,000-member group
 /// costs one pass per page. Paging by user id rather than by position keeps
 /// a cursor valid while members join and leave between pages.
-///
-/// A page holds at least one member whenever one remains: a member is at
-/// most 70 bytes encoded (user ids are 1..=64 bytes, checked when members
-/// are added and at login), which always fits beside the reply's other
-/// fields in the smallest allowed frame (256 bytes), except next to a group
-/// name long enough to fill the frame; the name is then left out.
-fn members_page(
-    request_id: u64,
-    group: &ferry_storage::Group,
-    after: &str,
-    limit: usize,
-    max_frame_bytes: usize,
-) -> proto::GroupReply {
+pub fn member_page(group: &Group, after: &str, limit: usize) -> MemberPage {
     let limit = limit.max(1);
     let mut rest: Vec<&Arc<str>> = group
         .members
         .iter()
         .filter(|m| m.as_ref() > after)
         .collect();
-    if rest.len() > limit {
+    let has_more = rest.len() > limit;
+    if has_more {
         rest.select_nth_unstable(limit);
-        rest.truncate(limit + 1);
+        rest.truncate(limit);
     }
     rest.sort_unstable();
-    let members: Vec<proto::GroupMember> = rest
+    MemberPage {
+        members: rest
+            .into_iter()
+            .map(|m| (m.clone(), group.role(m).unwrap_or(proto::GroupRole::Member)))
+            .collect(),
+        has_more,
+    }
+}
+
+/// One `list_members` page of `group`: [`member_page`], cut further to fit
+/// in one frame of `max_frame_bytes` with the `Frame` wrapper. `has_more`
+/// says members remain after the page.
+///
+/// A page holds at least one member whenever one remains: a member is at
+/// most 70 bytes encoded (user ids are 1..=64 bytes, checked when members
+/// are added and at login), which always fits beside the reply's other
+/// fields in the smallest allowed frame, except next to a group name long
+/// enough to fill the frame; the name is then left out.
+fn members_page(
+    request_id: u64,
+    group: &Group,
+    after: &str,
+    limit: usize,
+    max_frame_bytes: usize,
+) -> proto::GroupReply {
+    let page = member_page(group, after, limit);
+    let members: Vec<proto::GroupMember> = page
+        .members
         .iter()
-        .map(|m| proto::GroupMember {
+        .map(|(m, role)| proto::GroupMember {
             user_id: m.to_string(),
-            role: group.role(m).unwrap_or(proto::GroupRole::Member) as i32,
+            role: *role as i32,
         })
         .collect();
     let mut reply = proto::GroupReply {
@@ -179,7 +251,7 @@ fn members_page(
     }
     let mut used = reply.encoded_len();
     let mut fit = 0;
-    for m in members.iter().take(limit) {
+    for m in members.iter() {
         let len = member_len(m);
         if fit > 0 && used + len > budget {
             break;
@@ -187,7 +259,7 @@ fn members_page(
         used += len;
         fit += 1;
     }
-    reply.has_more = members.len() > fit;
+    reply.has_more = page.has_more || members.len() > fit;
     reply.members = members;
     reply.members.truncate(fit);
     reply
@@ -197,7 +269,7 @@ impl Router {
     /// A single-node router over `storage`. Must be called inside a tokio
     /// runtime (deliveries spawn sync tasks on it).
     pub fn new(config: RouterConfig, storage: Arc<Storage>) -> Result<Router, RouterError> {
-        let shared = Arc::new(delivery::Shared::new(
+        let shared = Arc::new(delivery::Hub::new(
             storage.clone(),
             config.max_frame_bytes,
             tokio::runtime::Handle::current(),
@@ -223,9 +295,38 @@ impl Router {
         &self.shared.sessions
     }
 
-    /// The storage.
+    /// The storage, for tests and diagnostics. Request paths and the admin
+    /// API read through the router's async methods ([`Router::lookup_group`])
+    /// so that no RocksDB read runs on a runtime thread.
     pub fn storage(&self) -> &Arc<Storage> {
         &self.shared.storage
+    }
+
+    /// The group `id`, or `None` if it does not exist. The one place the
+    /// router and the admin API look a group up: the read (a DB read and a
+    /// scan of up to the member limit's keys on a cache miss) runs on a
+    /// blocking thread, never on a runtime thread. `id` must have passed
+    /// [`limits::check_id`].
+    // TODO(merge): first try `Storage::group_if_cached(id)` (Some(Some(g))
+    // → Ok(Some(g)), Some(None) → Ok(None)) and only fall back to the
+    // blocking read below when it returns None (not cached).
+    pub async fn lookup_group(&self, id: &str) -> Result<Option<Arc<Group>>, RouterError> {
+        let storage = self.shared.storage.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || storage.group(&id))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?
+            .map_err(RouterError::from)
+    }
+
+    /// [`Router::lookup_group`], with a missing group as `NO_SUCH_GROUP`
+    /// and a failed read as `INTERNAL`, for request paths.
+    async fn existing_group(&self, id: &str) -> Result<Arc<Group>, (ErrorCode, String)> {
+        match self.lookup_group(id).await {
+            Ok(Some(group)) => Ok(group),
+            Ok(None) => Err((ErrorCode::NoSuchGroup, format!("no group {id}"))),
+            Err(e) => Err((ErrorCode::Internal, e.to_string())),
+        }
     }
 
     /// Whether storage is open and the router can serve.
@@ -312,7 +413,7 @@ impl Router {
                 }
                 Err(e) => Err(e),
             },
-            Body::Typing(typing) => self.typing(conn, typing),
+            Body::Typing(typing) => self.typing(conn, typing).await,
             Body::GroupRequest(request) => self.group(conn, request, slot).await,
             Body::History(history) => self.history(conn, history).await,
             other => Err((
@@ -352,14 +453,20 @@ impl Router {
             Ok(to) => to,
             Err((code, message)) => return fail(code, message),
         };
+        if let Err(e) = limits::check_len(
+            "content_type",
+            &send.content_type,
+            0,
+            MAX_CONTENT_TYPE_BYTES,
+        ) {
+            return fail(ErrorCode::InvalidRequest, e.to_string());
+        }
         let size = send.body.len() + send.content_type.len();
-        if size + FRAME_HEADROOM > self.config.max_frame_bytes {
+        let max = limits::send_content_limit(self.config.max_frame_bytes);
+        if size > max {
             return fail(
                 ErrorCode::InvalidRequest,
-                format!(
-                    "body + content_type must be at most {} bytes",
-                    self.config.max_frame_bytes - FRAME_HEADROOM
-                ),
+                format!("body + content_type must be at most {max} bytes (got {size})"),
             );
         }
         let op = Op::Send {
@@ -395,7 +502,9 @@ impl Router {
                 .map_err(|_| (ErrorCode::Internal, "sync task failed".to_owned()))?
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
         let max_seq = page.last_seq;
-        let (entries, truncated) = delivery::fit_entries(page.entries, self.config.max_frame_bytes);
+        let (entries, truncated, omissions) =
+            delivery::fit_entries(page.entries, self.config.max_frame_bytes);
+        self.shared.omitted.increment(omissions as u64);
         let batch = proto::SyncBatch {
             request_id: sync.request_id,
             entries,
@@ -440,7 +549,11 @@ impl Router {
         self.submit(op, reply).await
     }
 
-    fn typing(&self, conn: &Arc<Conn>, typing: proto::Typing) -> Result<(), (ErrorCode, String)> {
+    async fn typing(
+        &self,
+        conn: &Arc<Conn>,
+        typing: proto::Typing,
+    ) -> Result<(), (ErrorCode, String)> {
         if !conn.typing_allowed() {
             return Ok(()); // Over the sender's Typing rate: dropped silently.
         }
@@ -461,14 +574,7 @@ impl Router {
                 });
             }
             Target::Group(group_id) => {
-                let group = self
-                    .shared
-                    .storage
-                    .group(&group_id)
-                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-                let Some(group) = group else {
-                    return Err((ErrorCode::NoSuchGroup, format!("no group {group_id}")));
-                };
+                let group = self.existing_group(&group_id).await?;
                 if !group.is_member(&from) {
                     return Err((ErrorCode::NotAMember, format!("not a member of {group_id}")));
                 }
@@ -498,18 +604,17 @@ impl Router {
             let _ = conn.push(error_frame(code, message, request_id, 0));
             Ok(())
         };
+        if let Some(op) = &request.op
+            && let Err(message) = check_group_op(op)
+        {
+            return fail(ErrorCode::InvalidRequest, message);
+        }
         let change = match request.op {
             None => return fail(ErrorCode::InvalidRequest, "group request has no op".into()),
             Some(GroupOp::ListMembers(list)) => {
-                let group = match self.shared.storage.group(&list.group_id) {
+                let group = match self.existing_group(&list.group_id).await {
                     Ok(group) => group,
-                    Err(e) => return fail(ErrorCode::Internal, e.to_string()),
-                };
-                let Some(group) = group else {
-                    return fail(
-                        ErrorCode::NoSuchGroup,
-                        format!("no group {}", list.group_id),
-                    );
+                    Err((code, message)) => return fail(code, message),
                 };
                 if !group.is_member(conn.user()) {
                     return fail(
@@ -600,17 +705,8 @@ impl Router {
         let conv = match &to {
             Target::Direct(peer) => ferry_storage::keys::ConvKey::direct(user, peer),
             Target::Group(g) => {
-                let group = self
-                    .shared
-                    .storage
-                    .group(g)
-                    .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-                match group {
-                    None => return Err((ErrorCode::NoSuchGroup, format!("no group {g}"))),
-                    Some(group) if !group.is_member(user) => {
-                        return Err((ErrorCode::NotAMember, format!("not a member of {g}")));
-                    }
-                    Some(_) => {}
+                if !self.existing_group(g).await?.is_member(user) {
+                    return Err((ErrorCode::NotAMember, format!("not a member of {g}")));
                 }
                 ferry_storage::keys::ConvKey::Group(g.to_string())
             }
@@ -623,7 +719,9 @@ impl Router {
         .await
         .map_err(|_| (ErrorCode::Internal, "history task failed".to_owned()))?
         .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-        let (entries, truncated) = delivery::fit_entries(entries, self.config.max_frame_bytes);
+        let (entries, truncated, omissions) =
+            delivery::fit_entries(entries, self.config.max_frame_bytes);
+        self.shared.omitted.increment(omissions as u64);
         Ok(proto::HistoryPage {
             request_id: history.request_id,
             entries,
@@ -756,6 +854,72 @@ mod tests {
         assert!(page.members.is_empty() && !page.has_more);
         let page = members_page(1, &g, "zzz", 0, 65_536);
         assert!(page.members.is_empty() && !page.has_more);
+    }
+
+    #[test]
+    fn every_group_op_checks_its_strings_at_the_edge() {
+        let long = "x".repeat(65);
+        let many: Vec<String> = (0..501).map(|i| format!("u{i}")).collect();
+        let refused = [
+            GroupOp::Create(proto::CreateGroup {
+                group_id: long.clone(),
+                ..Default::default()
+            }),
+            GroupOp::Create(proto::CreateGroup {
+                name: "n".repeat(257),
+                ..Default::default()
+            }),
+            GroupOp::Create(proto::CreateGroup {
+                members: many.clone(),
+                ..Default::default()
+            }),
+            GroupOp::AddMembers(proto::AddMembers {
+                group_id: "g".into(),
+                members: vec![long.clone()],
+            }),
+            GroupOp::RemoveMembers(proto::RemoveMembers {
+                group_id: "g".into(),
+                members: many,
+            }),
+            GroupOp::Leave(proto::LeaveGroup {
+                group_id: "".into(),
+            }),
+            GroupOp::Dissolve(proto::DissolveGroup {
+                group_id: long.clone(),
+            }),
+            GroupOp::ListMembers(proto::ListMembers {
+                group_id: "g".repeat(300),
+                ..Default::default()
+            }),
+            GroupOp::ListMembers(proto::ListMembers {
+                group_id: "g".into(),
+                after_user_id: long.clone(),
+                limit: 0,
+            }),
+            GroupOp::SetRole(proto::SetRole {
+                group_id: "g".into(),
+                user_id: "".into(),
+                role: 2,
+            }),
+        ];
+        for op in &refused {
+            assert!(check_group_op(op).is_err(), "{op:?}");
+        }
+        let fine = [
+            GroupOp::Create(proto::CreateGroup {
+                group_id: "".into(),
+                name: "n".repeat(256),
+                members: vec!["m".repeat(64)],
+            }),
+            GroupOp::ListMembers(proto::ListMembers {
+                group_id: "g".repeat(64),
+                after_user_id: "".into(),
+                limit: 0,
+            }),
+        ];
+        for op in &fine {
+            assert_eq!(check_group_op(op), Ok(()), "{op:?}");
+        }
     }
 
     #[test]

@@ -128,7 +128,7 @@ async fn admin_bad_requests_get_400_with_a_message() {
             "POST",
             "/admin/groups",
             "{\"owner\": \"\"}",
-            json!({"error": "owner must be 1..=64 bytes", "code": "invalid_request"}),
+            json!({"error": "owner must be 1..=64 bytes (got 0)", "code": "invalid_request"}),
         ),
         (
             "POST",
