@@ -106,8 +106,9 @@ pub struct Storage {
 #[cfg(test)]
 #[derive(Default)]
 pub(crate) struct Faults {
-    /// Point reads and seeks naming this id fail.
-    pub fail_reads_of: Mutex<Option<String>>,
+    /// Reads of this kind (`"max_seq"`, `"dedup"`, `"cursor"`, `"group"`,
+    /// `"tombstone"`) naming this id fail.
+    pub fail_reads_of: Mutex<Option<(&'static str, String)>>,
     /// Batch writes fail.
     pub fail_writes: AtomicBool,
     /// Runs in [`Storage::group`] between the database load and the cache
@@ -269,17 +270,19 @@ impl Storage {
     /// Fails a read naming `id` when a unit test asked for it; nothing in
     /// other builds.
     #[inline(always)]
-    pub(crate) fn read_fault(&self, _id: &str) -> Result<(), StorageError> {
+    pub(crate) fn read_fault(&self, _what: &str, _id: &str) -> Result<(), StorageError> {
         #[cfg(test)]
         if self
             .faults
             .fail_reads_of
             .lock()
             .unwrap()
-            .as_deref()
-            .is_some_and(|f| f == _id)
+            .as_ref()
+            .is_some_and(|(what, id)| *what == _what && id == _id)
         {
-            return Err(StorageError::Io(format!("injected read fault on {_id}")));
+            return Err(StorageError::Io(format!(
+                "injected {_what} read fault on {_id}"
+            )));
         }
         Ok(())
     }
@@ -290,7 +293,7 @@ impl Storage {
         if !storable(user) {
             return Ok(0);
         }
-        self.read_fault(user)?;
+        self.read_fault("max_seq", user)?;
         let prefix = keys::inbox_prefix(user);
         let mut it = self.db.raw_iterator_cf(self.cf(cf::INBOX));
         it.seek_for_prev(keys::inbox_key(user, u64::MAX));
@@ -457,7 +460,7 @@ impl Storage {
         if !storable(user) || !storable(device) {
             return Ok(0);
         }
-        self.read_fault(user)?;
+        self.read_fault("cursor", user)?;
         Ok(self
             .db
             .get_pinned_cf(self.cf(cf::CURSORS), keys::cursor_key(user, device))?
@@ -475,7 +478,7 @@ impl Storage {
         if !storable(sender) {
             return Ok(None);
         }
-        self.read_fault(sender)?;
+        self.read_fault("dedup", sender)?;
         match self
             .db
             .get_pinned_cf(self.cf(cf::DEDUP), keys::dedup_key(sender, client_msg_id))?

@@ -217,8 +217,11 @@ impl Storage {
         };
         let loaded = self.load_group(id)?.map(Arc::new);
         #[cfg(test)]
-        if let Some(hook) = self.faults.after_group_load.lock().unwrap().take() {
-            hook();
+        {
+            let hook = self.faults.after_group_load.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
         }
         let mut cache = self.groups.write().unwrap_or_else(|e| e.into_inner());
         // A commit since the load may have changed or dissolved the group:
@@ -257,7 +260,7 @@ impl Storage {
         if !storable(id) {
             return Ok(None);
         }
-        self.read_fault(id)?;
+        self.read_fault("tombstone", id)?;
         Ok(self
             .db
             .get_pinned_cf(self.cf(cf::GROUPS), keys::group_tombstone_key(id))?
@@ -265,7 +268,7 @@ impl Storage {
     }
 
     fn load_group(&self, id: &str) -> Result<Option<Group>, StorageError> {
-        self.read_fault(id)?;
+        self.read_fault("group", id)?;
         let groups = self.cf(cf::GROUPS);
         let Some(meta) = self.db.get_pinned_cf(groups, keys::group_meta_key(id))? else {
             return Ok(None);
