@@ -62,10 +62,10 @@ use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::{Storage, cf, message_entry};
-use crate::{StorageError, now_ms};
 use crate::groups::{Group, Refusal, refuse};
 use crate::keys::{self, ConvKey};
 use crate::model::{DedupValue, GroupMeta, InboxValue, MSG_ID_TIME_SHIFT, StoredMessage};
+use crate::{StorageError, now_ms};
 
 /// When a write counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -817,9 +817,11 @@ impl Worker {
             self.last_msg_id.to_be_bytes(),
         );
         for ((user, device), seq) in state.cursors.drain() {
-            state
-                .writes
-                .put(cf::CURSORS, keys::cursor_key(&user, &device), seq.to_be_bytes());
+            state.writes.put(
+                cf::CURSORS,
+                keys::cursor_key(&user, &device),
+                seq.to_be_bytes(),
+            );
         }
         let sync = self.sync_batch(&state);
         let batch = state.writes.into_write_batch(&self.storage);
@@ -1039,7 +1041,8 @@ impl Worker {
             server_time_ms: u64::MAX,
             ..Default::default()
         };
-        let bound = entry_len_bound(&without_event) + prost::encoding::message::encoded_len(8, event);
+        let bound =
+            entry_len_bound(&without_event) + prost::encoding::message::encoded_len(8, event);
         self.refuse_unfit("the group event", bound)
     }
 
@@ -1932,8 +1935,15 @@ mod tests {
         };
         let (_dir, storage, mut w) = worker(options);
         // A name that fits.
-        let out = batch(&mut w, vec![create("owner", "g", &"n".repeat(200), &["m1"])]);
-        assert!(matches!(out[0], Outcome::GroupChanged { .. }), "{:?}", out[0]);
+        let out = batch(
+            &mut w,
+            vec![create("owner", "g", &"n".repeat(200), &["m1"])],
+        );
+        assert!(
+            matches!(out[0], Outcome::GroupChanged { .. }),
+            "{:?}",
+            out[0]
+        );
         // A MEMBERS_ADDED event naming 20 users of 60 bytes does not.
         let users: Vec<String> = (0..20).map(|i| format!("{i:0>60}")).collect();
         let add = group_op(
@@ -1948,7 +1958,11 @@ mod tests {
             panic!("{:?}", out[0])
         };
         assert_eq!(r.code, ErrorCode::InvalidRequest);
-        assert!(r.message.contains("would not fit in a frame"), "{}", r.message);
+        assert!(
+            r.message.contains("would not fit in a frame"),
+            "{}",
+            r.message
+        );
         let g = storage.group("g").unwrap().unwrap();
         assert_eq!(g.members.len(), 2, "no member was added");
         assert_eq!(storage.max_seq("owner").unwrap(), 1, "no event was stored");
@@ -1995,7 +2009,11 @@ mod tests {
         let bound = entry_len_bound(&msg);
         for viewer in [msg.from.as_str(), peer.as_str()] {
             let entry = message_entry(viewer, u64::MAX, u64::MAX, &conv, msg.clone());
-            assert!(entry.encoded_len() <= bound, "{} > {bound}", entry.encoded_len());
+            assert!(
+                entry.encoded_len() <= bound,
+                "{} > {bound}",
+                entry.encoded_len()
+            );
         }
         let mut recalled = msg.clone();
         recalled.recalled = true;
@@ -2153,7 +2171,10 @@ mod tests {
         for seq in [5, 9, 7] {
             w.apply(ack(seq), &mut state);
         }
-        assert!(state.writes.puts.is_empty(), "cursors are written at commit");
+        assert!(
+            state.writes.puts.is_empty(),
+            "cursors are written at commit"
+        );
         assert_eq!(state.cursors.len(), 1);
         assert!(!w.sync_batch(&state), "a batch of acks needs no fsync");
         w.commit(state, &mut Vec::<((), Outcome)>::new());
@@ -2223,7 +2244,10 @@ mod tests {
             },
         );
         for i in 0..40 {
-            batch(&mut w, vec![create("o", &format!("g{i}"), "G", &["a", "b"])]);
+            batch(
+                &mut w,
+                vec![create("o", &format!("g{i}"), "G", &["a", "b"])],
+            );
             assert!(storage.group_cache_size().1 <= 20);
         }
         for i in (0..40).rev() {
@@ -2247,7 +2271,10 @@ mod tests {
         heal(&storage);
         batch(&mut w, vec![create("o", "g", "G", &[])]);
         assert!(matches!(storage.group_if_cached("g"), Some(Some(_))));
-        assert!(matches!(storage.group_if_cached(&"x".repeat(300)), Some(None)));
+        assert!(matches!(
+            storage.group_if_cached(&"x".repeat(300)),
+            Some(None)
+        ));
     }
 
     #[test]
@@ -2307,7 +2334,13 @@ mod tests {
         assert_eq!(storage.message(&conv, 1).unwrap(), None);
         assert!(storage.history(&short, &conv, 0, 10).unwrap().0.is_empty());
         let group_conv = ConvKey::Group(long.clone());
-        assert!(storage.history(&short, &group_conv, 0, 10).unwrap().0.is_empty());
+        assert!(
+            storage
+                .history(&short, &group_conv, 0, 10)
+                .unwrap()
+                .0
+                .is_empty()
+        );
         // And the committer stores nothing under such an id.
         let out = batch(&mut w, vec![send(&short, 2, &long)]);
         assert_eq!(refused(&out[0]), ErrorCode::InvalidRequest);

@@ -160,7 +160,8 @@ impl Storage {
                     // the key ends with the msg id, whose high bits are time.
                     o.set_compaction_filter("ferry-msgs-retention", move |_, key, _| {
                         let old = keys::trailing_u64(key).is_some_and(|id| {
-                            msg_id_time_ms(id) < crate::retention_cutoff_ms(crate::now_ms(), retention)
+                            msg_id_time_ms(id)
+                                < crate::retention_cutoff_ms(crate::now_ms(), retention)
                         });
                         if old {
                             rocksdb::CompactionDecision::Remove
@@ -177,7 +178,8 @@ impl Storage {
                     o.set_memtable_whole_key_filtering(true);
                     o.set_compaction_filter("ferry-dedup-retention", move |_, _, value| {
                         let old = DedupValue::decode(value).is_ok_and(|v| {
-                            v.server_time_ms < crate::retention_cutoff_ms(crate::now_ms(), retention)
+                            v.server_time_ms
+                                < crate::retention_cutoff_ms(crate::now_ms(), retention)
                         });
                         if old {
                             rocksdb::CompactionDecision::Remove

@@ -28,9 +28,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use foldhash::fast::RandomState;
 use ferry_protocol::ErrorCode;
 use ferry_protocol::proto::GroupRole;
+use foldhash::fast::RandomState;
 use prost::Message;
 use rocksdb::{Direction, IteratorMode};
 
