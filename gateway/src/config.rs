@@ -288,6 +288,7 @@ impl Config {
         ferry_storage::StorageOptions {
             retention_days: self.retention_days,
             max_open_files: STORAGE_MAX_OPEN_FILES,
+            ..Default::default()
         }
     }
 

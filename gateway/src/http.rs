@@ -1,5 +1,5 @@
 //! The ops HTTP endpoint: `/healthz` (the process is up), `/readyz`
-//! (storage open and the node accepting clients), `/metrics` (Prometheus
+//! (storage open and writable, and the node accepting clients), `/metrics` (Prometheus
 //! text format) and the admin API under `/admin` (see [`crate::admin`]).
 //!
 //! One listener for all of it, loopback by default: the admin API must not
@@ -47,6 +47,8 @@ pub(crate) async fn serve(
 async fn readyz(State(shared): State<Arc<ServerState>>) -> (StatusCode, &'static str) {
     if shared.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if shared.router.writes_failing() {
+        (StatusCode::SERVICE_UNAVAILABLE, "storage writes failing\n")
     } else if !shared.router.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "storage not ready\n")
     } else {

@@ -26,7 +26,6 @@ mod delivery;
 pub mod session;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_protocol::limits::{self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_ID_BYTES};
 use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
@@ -39,14 +38,8 @@ use session::{Conn, RequestSlot, Sessions};
 
 pub use delivery::Reply;
 
-/// Milliseconds since the Unix epoch.
-// TODO(merge): storage has two copies of this; the lead unifies them.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Milliseconds since the Unix epoch (storage's clock, the one every crate uses).
+pub use ferry_storage::now_ms;
 
 /// Router errors.
 #[derive(Debug, thiserror::Error)]
@@ -275,7 +268,13 @@ impl Router {
             tokio::runtime::Handle::current(),
         ));
         let sink_shared = shared.clone();
-        let committer = Committer::start(storage, config.commit.clone(), move |results| {
+        // Whatever the committer stores must fit in a frame of this size
+        // (a lower explicit setting is kept).
+        let mut commit = config.commit.clone();
+        commit.max_entry_bytes = commit
+            .max_entry_bytes
+            .min(ferry_storage::max_entry_bytes_for(config.max_frame_bytes));
+        let committer = Committer::start(storage, commit, move |results| {
             sink_shared.committed(results)
         })?;
         Ok(Router {
@@ -307,10 +306,13 @@ impl Router {
     /// scan of up to the member limit's keys on a cache miss) runs on a
     /// blocking thread, never on a runtime thread. `id` must have passed
     /// [`limits::check_id`].
-    // TODO(merge): first try `Storage::group_if_cached(id)` (Some(Some(g))
-    // → Ok(Some(g)), Some(None) → Ok(None)) and only fall back to the
-    // blocking read below when it returns None (not cached).
+    ///
+    /// A cached group (or an id cached as absent) is answered at once, on
+    /// this thread; only a cache miss pays the blocking-thread hop.
     pub async fn lookup_group(&self, id: &str) -> Result<Option<Arc<Group>>, RouterError> {
+        if let Some(cached) = self.shared.storage.group_if_cached(id) {
+            return Ok(cached);
+        }
         let storage = self.shared.storage.clone();
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || storage.group(&id))
@@ -329,12 +331,21 @@ impl Router {
         }
     }
 
-    /// Whether storage is open and the router can serve.
+    /// Whether the last storage batch write failed (and none has succeeded
+    /// since): every write is answered `UNAVAILABLE` meanwhile.
+    pub fn writes_failing(&self) -> bool {
+        self.shared.storage.writes_failing()
+    }
+
+    /// Whether the router can serve. Not ready while shutting down, or while storage writes fail (the
+    /// last batch write failed and none has succeeded since): a load
+    /// balancer should then send new clients elsewhere.
     pub fn is_ready(&self) -> bool {
         !self
             .shared
             .stopping
             .load(std::sync::atomic::Ordering::Relaxed)
+            && !self.shared.storage.writes_failing()
     }
 
     /// Queues `auth_ok` (with the inbox's max seq filled in), registers

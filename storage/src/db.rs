@@ -3,11 +3,20 @@
 //! Reads are plain RocksDB point lookups and range scans on an `Arc<DB>`;
 //! they are blocking calls, so async callers run them on blocking threads.
 //! Writes all go through the [`crate::commit`] group committer.
+//!
+//! Every public reader that takes an id first checks it against
+//! [`MAX_ID_BYTES`]: the committer never stores a longer one, so the answer
+//! is the natural "nothing stored" one ([`Storage::max_seq`] and
+//! [`Storage::cursor`] 0, [`Storage::read_inbox`] and [`Storage::history`]
+//! an empty page, [`Storage::message`], [`Storage::dedup`] and
+//! [`Storage::group`] `None`), without building a key: a key's length byte
+//! could not hold such an id, and a truncated one could name another id.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
+use ferry_protocol::limits::MAX_ID_BYTES;
 use ferry_protocol::proto;
 use prost::Message;
 use rocksdb::{
@@ -15,7 +24,7 @@ use rocksdb::{
 };
 
 use crate::StorageError;
-use crate::groups::Group;
+use crate::groups::GroupCache;
 use crate::keys::{self, ConvKey};
 use crate::model::{DedupValue, InboxValue, StoredMessage, msg_id_time_ms};
 
@@ -48,6 +57,10 @@ pub struct StorageOptions {
     /// Files RocksDB may keep open (these share the process's fd budget
     /// with client connections).
     pub max_open_files: i32,
+    /// Bound of the group cache, in members: each cached group costs its
+    /// member count plus one, each id known to be absent one. About 100
+    /// bytes a member, so the default bounds the cache near 200 MB.
+    pub group_cache_members: usize,
 }
 
 impl Default for StorageOptions {
@@ -55,6 +68,7 @@ impl Default for StorageOptions {
         StorageOptions {
             retention_days: 30,
             max_open_files: 512,
+            group_cache_members: 2_000_000,
         }
     }
 }
@@ -74,18 +88,46 @@ pub struct InboxPage {
 /// The database.
 pub struct Storage {
     pub(crate) db: Arc<DB>,
-    pub(crate) groups: RwLock<HashMap<String, Arc<Group>>>,
+    pub(crate) groups: RwLock<GroupCache>,
     pub(crate) options: StorageOptions,
     /// Set by [`Storage::close`]: background sweeps stop at their next chunk.
-    pub(crate) closing: std::sync::atomic::AtomicBool,
+    pub(crate) closing: AtomicBool,
+    /// The retention sweeper thread, stopped and joined by [`Storage::close`].
+    pub(crate) sweeper: Mutex<Option<crate::retention::SweeperHandle>>,
+    /// Set by the committer when a batch write fails, cleared by the next
+    /// one that succeeds.
+    pub(crate) writes_failing: AtomicBool,
+    /// Test-only fault injection (compiled out of every other build).
+    #[cfg(test)]
+    pub(crate) faults: Faults,
 }
 
-fn retention_cutoff_ms(retention_days: u32) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    now.saturating_sub(retention_days as u64 * 86_400_000)
+/// Faults a unit test can inject into reads and writes.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// Reads of this kind (`"max_seq"`, `"dedup"`, `"cursor"`, `"group"`,
+    /// `"tombstone"`) naming this id fail.
+    pub fail_reads_of: Mutex<Option<(&'static str, String)>>,
+    /// Batch writes fail.
+    pub fail_writes: AtomicBool,
+    /// Runs in [`Storage::group`] between the database load and the cache
+    /// fill (to make a race deterministic).
+    #[allow(clippy::type_complexity)]
+    pub after_group_load: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+/// Whether `id` can be in a key: ids the committer stores are at most
+/// [`MAX_ID_BYTES`] long.
+pub(crate) fn storable(id: &str) -> bool {
+    id.len() <= MAX_ID_BYTES
+}
+
+fn storable_conv(conv: &ConvKey) -> bool {
+    match conv {
+        ConvKey::Direct(a, b) => storable(a) && storable(b),
+        ConvKey::Group(g) => storable(g),
+    }
 }
 
 impl Storage {
@@ -117,8 +159,10 @@ impl Storage {
                     // Expired messages disappear as compaction meets them;
                     // the key ends with the msg id, whose high bits are time.
                     o.set_compaction_filter("ferry-msgs-retention", move |_, key, _| {
-                        let old = keys::trailing_u64(key)
-                            .is_some_and(|id| msg_id_time_ms(id) < retention_cutoff_ms(retention));
+                        let old = keys::trailing_u64(key).is_some_and(|id| {
+                            msg_id_time_ms(id)
+                                < crate::retention_cutoff_ms(crate::now_ms(), retention)
+                        });
                         if old {
                             rocksdb::CompactionDecision::Remove
                         } else {
@@ -133,8 +177,10 @@ impl Storage {
                     o.set_memtable_prefix_bloom_ratio(0.05);
                     o.set_memtable_whole_key_filtering(true);
                     o.set_compaction_filter("ferry-dedup-retention", move |_, _, value| {
-                        let old = DedupValue::decode(value)
-                            .is_ok_and(|v| v.server_time_ms < retention_cutoff_ms(retention));
+                        let old = DedupValue::decode(value).is_ok_and(|v| {
+                            v.server_time_ms
+                                < crate::retention_cutoff_ms(crate::now_ms(), retention)
+                        });
                         if old {
                             rocksdb::CompactionDecision::Remove
                         } else {
@@ -149,9 +195,13 @@ impl Storage {
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let storage = Storage {
             db: Arc::new(db),
-            groups: RwLock::new(HashMap::new()),
+            groups: RwLock::new(GroupCache::new(options.group_cache_members)),
             options,
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            sweeper: Mutex::new(None),
+            writes_failing: AtomicBool::new(false),
+            #[cfg(test)]
+            faults: Faults::default(),
         };
         storage.check_schema()?;
         Ok(Arc::new(storage))
@@ -212,8 +262,40 @@ impl Storage {
         self.options.retention_days
     }
 
-    /// Highest seq in `user`'s inbox (0 when empty).
+    /// Whether the last batch write failed (set by the committer, cleared by
+    /// its next successful write): the server then cannot accept writes,
+    /// and readiness should say so.
+    pub fn writes_failing(&self) -> bool {
+        self.writes_failing.load(Ordering::Relaxed)
+    }
+
+    /// Fails a read naming `id` when a unit test asked for it; nothing in
+    /// other builds.
+    #[inline(always)]
+    pub(crate) fn read_fault(&self, _what: &str, _id: &str) -> Result<(), StorageError> {
+        #[cfg(test)]
+        if self
+            .faults
+            .fail_reads_of
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|(what, id)| *what == _what && id == _id)
+        {
+            return Err(StorageError::Io(format!(
+                "injected {_what} read fault on {_id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Highest seq in `user`'s inbox (0 when empty, and for an id longer
+    /// than [`MAX_ID_BYTES`]).
     pub fn max_seq(&self, user: &str) -> Result<u64, StorageError> {
+        if !storable(user) {
+            return Ok(0);
+        }
+        self.read_fault("max_seq", user)?;
         let prefix = keys::inbox_prefix(user);
         let mut it = self.db.raw_iterator_cf(self.cf(cf::INBOX));
         it.seek_for_prev(keys::inbox_key(user, u64::MAX));
@@ -226,13 +308,20 @@ impl Storage {
         })
     }
 
-    /// Up to `limit` inbox entries of `user` with seq > `after`, oldest first.
+    /// Up to `limit` inbox entries of `user` with seq > `after`, oldest first
+    /// (an empty page for an id longer than [`MAX_ID_BYTES`]).
     pub fn read_inbox(
         &self,
         user: &str,
         after: u64,
         limit: usize,
     ) -> Result<InboxPage, StorageError> {
+        if !storable(user) {
+            return Ok(InboxPage {
+                last_seq: after,
+                ..Default::default()
+            });
+        }
         let prefix = keys::inbox_prefix(user);
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::inbox_key(user, u64::MAX));
@@ -305,12 +394,16 @@ impl Storage {
         Ok(out)
     }
 
-    /// One stored message of a conversation.
+    /// One stored message of a conversation (`None` also for a
+    /// conversation named by an id longer than [`MAX_ID_BYTES`]).
     pub fn message(
         &self,
         conv: &ConvKey,
         msg_id: u64,
     ) -> Result<Option<StoredMessage>, StorageError> {
+        if !storable_conv(conv) {
+            return Ok(None);
+        }
         let key = keys::msg_key(&conv.encode(), msg_id);
         match self.db.get_pinned_cf(self.cf(cf::MSGS), key)? {
             Some(bytes) => Ok(Some(StoredMessage::decode(&*bytes)?)),
@@ -318,8 +411,23 @@ impl Storage {
         }
     }
 
+    /// Whether `conv` has any stored message (one seek).
+    pub(crate) fn has_messages(&self, conv: &ConvKey) -> Result<bool, StorageError> {
+        if !storable_conv(conv) {
+            return Ok(false);
+        }
+        let prefix = conv.encode();
+        let mut it = self.db.raw_iterator_cf(self.cf(cf::MSGS));
+        it.seek(&prefix);
+        it.status()?;
+        Ok(it
+            .key()
+            .is_some_and(|k| k.starts_with(&prefix) && k.len() == prefix.len() + 8))
+    }
+
     /// Up to `limit` messages of `conv` with msg id < `before` (0: newest),
     /// newest first, as `viewer` sees them (seq 0). Also whether older exist.
+    /// Empty for a conversation named by an id longer than [`MAX_ID_BYTES`].
     pub fn history(
         &self,
         viewer: &str,
@@ -327,6 +435,9 @@ impl Storage {
         before: u64,
         limit: usize,
     ) -> Result<(Vec<proto::Deliver>, bool), StorageError> {
+        if !storable_conv(conv) {
+            return Ok((Vec::new(), false));
+        }
         let prefix = conv.encode();
         let before = if before == 0 { u64::MAX } else { before };
         let mut it = self.db.raw_iterator_cf(self.cf(cf::MSGS));
@@ -350,8 +461,13 @@ impl Storage {
         Ok((out, has_more))
     }
 
-    /// The acked cursor of one device (0 if never acked).
+    /// The acked cursor of one device (0 if never acked, and for ids longer
+    /// than [`MAX_ID_BYTES`]).
     pub fn cursor(&self, user: &str, device: &str) -> Result<u64, StorageError> {
+        if !storable(user) || !storable(device) {
+            return Ok(0);
+        }
+        self.read_fault("cursor", user)?;
         Ok(self
             .db
             .get_pinned_cf(self.cf(cf::CURSORS), keys::cursor_key(user, device))?
@@ -359,12 +475,17 @@ impl Storage {
             .map_or(0, u64::from_be_bytes))
     }
 
-    /// The dedup record of (sender, client msg id), if any.
+    /// The dedup record of (sender, client msg id), if any (`None` for a
+    /// sender id longer than [`MAX_ID_BYTES`]).
     pub fn dedup(
         &self,
         sender: &str,
         client_msg_id: u64,
     ) -> Result<Option<DedupValue>, StorageError> {
+        if !storable(sender) {
+            return Ok(None);
+        }
+        self.read_fault("dedup", sender)?;
         match self
             .db
             .get_pinned_cf(self.cf(cf::DEDUP), keys::dedup_key(sender, client_msg_id))?
@@ -382,16 +503,19 @@ impl Storage {
         Ok(())
     }
 
-    /// Prepares for process exit: flushes memtables, then stops RocksDB's
-    /// background flushes and compactions and waits for the running ones.
+    /// Prepares for process exit: stops the retention sweeper (an
+    /// in-progress sweep stops at its next chunk) and waits for its thread
+    /// to end, flushes memtables, then stops RocksDB's background flushes
+    /// and compactions and waits for the running ones.
     ///
     /// The process exits without dropping the database (the committer
     /// thread still holds it), and C++ static destructors run at exit: a
-    /// compaction still running then would lock a destroyed mutex and
-    /// abort the process. Writes after this call may stall; make none.
+    /// compaction, or a sweeper thread, still running then would lock a
+    /// destroyed mutex and abort the process. Writes after this call may
+    /// stall; make none. Blocking: call it from a blocking thread.
     pub fn close(&self) -> Result<(), StorageError> {
-        self.closing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.closing.store(true, Ordering::Relaxed);
+        self.stop_sweeper();
         let flushed = self.flush();
         self.db.cancel_all_background_work(true);
         flushed

@@ -1,7 +1,13 @@
 //! Key encodings of every column family. All integers are big-endian so
 //! that RocksDB's bytewise order is numeric order; strings are prefixed with
-//! their length (one byte, ids are at most 255 bytes) so that one id is never
-//! a prefix of another id's keys.
+//! their length (one byte) so that one id is never a prefix of another id's
+//! keys.
+//!
+//! The encoders take ids of at most [`MAX_ID_LEN`] bytes (what a length
+//! byte can hold); callers check ids first: the committer refuses ids over
+//! `ferry_protocol::limits::MAX_ID_BYTES` and every public reader of
+//! [`crate::Storage`] answers "nothing stored" for them without encoding a
+//! key.
 //!
 //! ```text
 //! inbox     [len u8][user][seq u64]                      → InboxValue
@@ -12,6 +18,8 @@
 //! cursors   [len][user][len][device]                     → acked seq u64
 //! groups    [0x01][len][group]                           → GroupMeta
 //!           [0x02][len][group][len][member]              → role u8
+//!           [0x03][len][group]                           → dissolved at, ms u64
+//!             (tombstone: a dissolved group's id is never used again)
 //! meta      b"schema_version"                            → u32
 //!           b"msg_id_high_water"                         → u64
 //! ```
@@ -171,6 +179,13 @@ pub fn group_member_key(group: &str, member: &str) -> Vec<u8> {
     k
 }
 
+/// `[0x03][len][group]`: the tombstone of a dissolved group.
+pub fn group_tombstone_key(group: &str) -> Vec<u8> {
+    let mut k = vec![0x03];
+    put_id(&mut k, group);
+    k
+}
+
 /// Schema version key in `meta`.
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 /// Highest message id ever issued, in `meta`.
@@ -237,5 +252,18 @@ mod tests {
         assert!(group_member_key("g", "zed").starts_with(&p));
         assert!(!group_member_key("gg", "zed").starts_with(&p));
         assert!(group_meta_key("g") < p, "meta keys sort before member keys");
+    }
+
+    #[test]
+    fn tombstones_sort_after_every_group_key_and_match_no_prefix() {
+        let t = group_tombstone_key("g");
+        assert_eq!(t, vec![0x03, 1, b'g']);
+        // After every meta and member key of any group, so member scans
+        // (which stop at the end of their prefix) never meet one.
+        assert!(group_member_key(&"z".repeat(64), &"z".repeat(64)) < group_tombstone_key(""));
+        assert!(group_meta_key("g") < t);
+        assert!(!t.starts_with(&group_members_prefix("g")));
+        assert!(!group_tombstone_key("gg").starts_with(&t));
+        assert!(group_tombstone_key("g") < group_tombstone_key("gg"));
     }
 }

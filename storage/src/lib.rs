@@ -8,6 +8,8 @@
 //!   one WAL sync per batch, outcomes reported after durability.
 //! - [`groups`]: group membership snapshots and their cache.
 //! - [`retention`]: background removal of expired entries.
+//! - [`now_ms`] and [`retention_cutoff_ms`]: the one clock and the one
+//!   retention cut-off every part of ferry uses.
 //!
 //! Bodies are stored once per conversation message (`msgs`); inboxes hold
 //! small pointers to them (write diffusion for groups, and the same shape
@@ -22,9 +24,26 @@ pub mod keys;
 pub mod model;
 pub mod retention;
 
-pub use commit::{CommitOptions, Committer, Durability, Fanout, GroupChange, Op, Outcome, Target};
+pub use commit::{
+    CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, Op, Outcome,
+    Target, max_entry_bytes_for,
+};
 pub use db::{InboxPage, Storage, StorageOptions};
 pub use groups::{Group, Refusal};
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The retention cut-off at `now_ms`: anything older than this (ms since
+/// the epoch) is past a retention of `retention_days`.
+pub fn retention_cutoff_ms(now_ms: u64, retention_days: u32) -> u64 {
+    now_ms.saturating_sub(retention_days as u64 * 86_400_000)
+}
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,14 @@
 //!   anchors the user's seq: the next seq is always computed from the last
 //!   inbox key, so keeping it keeps seqs strictly increasing forever, with
 //!   no separate counter to write on every message.
+//!
+//! The sweeper thread belongs to its [`Storage`]: [`Storage::close`] stops
+//! it and waits for it to end, so no sweep touches RocksDB while the
+//! process exits.
 
 use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use prost::Message;
@@ -88,27 +94,55 @@ impl Storage {
 
     /// The cutoff for the configured retention, at this moment.
     pub fn retention_cutoff_ms(&self) -> u64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        now.saturating_sub(self.retention_days() as u64 * 86_400_000)
+        crate::retention_cutoff_ms(crate::now_ms(), self.retention_days())
+    }
+
+    /// Stops the sweeper thread, if one runs, and waits for it to end.
+    pub(crate) fn stop_sweeper(&self) {
+        let handle = self
+            .sweeper
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            // Dropping the sender wakes the thread from its wait.
+            drop(handle.stop);
+            if handle.thread.thread().id() != std::thread::current().id() {
+                let _ = handle.thread.join();
+            }
+        }
     }
 }
 
+/// The running sweeper: dropping `stop` ends it at its next wait or chunk.
+pub(crate) struct SweeperHandle {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
 /// Runs the inbox sweep every `every` on a background thread (first run
-/// after one period), until the storage is the last reference left.
+/// after one period) until [`Storage::close`], which stops the thread and
+/// waits for it, or until the storage is dropped. A second call replaces
+/// (and stops) the first sweeper.
 pub fn spawn_sweeper(storage: Arc<Storage>, every: Duration) -> std::io::Result<()> {
     let weak = Arc::downgrade(&storage);
-    drop(storage);
-    std::thread::Builder::new()
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name("ferry-retention".into())
         .spawn(move || {
             loop {
-                std::thread::sleep(every);
+                match stopped.recv_timeout(every) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    // Stopped by close, or the storage (holding the sender)
+                    // is gone.
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
                 let Some(storage) = weak.upgrade() else {
                     return;
                 };
+                if storage.closing.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
                 let cutoff = storage.retention_cutoff_ms();
                 match storage.sweep_inbox(cutoff, 1000, Duration::from_millis(20)) {
                     Ok(r) => {
@@ -118,5 +152,29 @@ pub fn spawn_sweeper(storage: Arc<Storage>, every: Duration) -> std::io::Result<
                 }
             }
         })?;
+    storage.stop_sweeper();
+    *storage.sweeper.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(SweeperHandle { stop, thread });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StorageOptions;
+
+    #[test]
+    fn close_stops_and_joins_the_sweeper_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        spawn_sweeper(storage.clone(), Duration::from_secs(3600)).unwrap();
+        // The thread holds a weak reference for as long as it runs.
+        assert_eq!(Arc::weak_count(&storage), 1);
+        storage.close().unwrap();
+        assert_eq!(
+            Arc::weak_count(&storage),
+            0,
+            "close returned while the sweeper thread still ran"
+        );
+    }
 }
