@@ -369,11 +369,14 @@ async fn run_sync(shared: Arc<Hub>, conn: Arc<Conn>) {
                 Err(_) => return,
             };
         let max = shared.max_frame_bytes;
-        let last_seq = page.last_seq;
-        let page_is_last = !page.has_more;
+        // A page is read by entry count; what it queues at once is bounded
+        // by bytes too (half the queue's byte bound, at least one frame), so
+        // a sync adds at most that much beyond the watermark it waits for.
+        let (entries, last_seq, page_is_last) =
+            cut_page_to_bytes(page.entries, page.last_seq, !page.has_more, pace.max(max));
         shared.sync_pages.increment(1);
         let result = conn.push_sync_page(last_seq, page_is_last, |has_more| {
-            let (chunks, omissions) = chunk_entries(page.entries, max);
+            let (chunks, omissions) = chunk_entries(entries, max);
             shared.omitted.increment(omissions as u64);
             let count = chunks.len();
             chunks
@@ -396,9 +399,50 @@ async fn run_sync(shared: Arc<Hub>, conn: Arc<Conn>) {
     }
 }
 
+/// Keeps the first entries of a sync page whose encoded sizes add up to at
+/// most `budget` bytes (always at least one). When entries are cut, the page
+/// ends at the last one kept: its seq becomes the page's last seq, and the
+/// page is not the last one (the rest is read again next).
+fn cut_page_to_bytes(
+    mut entries: Vec<proto::Deliver>,
+    last_seq: u64,
+    page_is_last: bool,
+    budget: usize,
+) -> (Vec<proto::Deliver>, u64, bool) {
+    let mut used = 0;
+    let keep = entries
+        .iter()
+        .position(|entry| {
+            used += entry.encoded_len();
+            used > budget
+        })
+        .map_or(entries.len(), |cut| cut.max(1));
+    if keep == entries.len() {
+        return (entries, last_seq, page_is_last);
+    }
+    entries.truncate(keep);
+    let last_kept = entries.last().map_or(last_seq, |e| e.seq);
+    (entries, last_kept, false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_page_is_cut_to_its_byte_budget_and_ends_at_the_last_entry_kept() {
+        let page: Vec<proto::Deliver> = (1..=10).map(|seq| entry(seq, 1000)).collect();
+        let one = page[0].encoded_len();
+        // Everything fits: the page is untouched.
+        let (kept, last, is_last) = cut_page_to_bytes(page.clone(), 12, true, 100 * one);
+        assert_eq!((kept.len(), last, is_last), (10, 12, true));
+        // Three fit: the page ends at seq 3 and is not the last one.
+        let (kept, last, is_last) = cut_page_to_bytes(page.clone(), 12, true, 3 * one + 1);
+        assert_eq!((kept.len(), last, is_last), (3, 3, false));
+        // Not even one fits: one is kept, so the sync always moves on.
+        let (kept, last, is_last) = cut_page_to_bytes(page, 12, true, 10);
+        assert_eq!((kept.len(), last, is_last), (1, 1, false));
+    }
 
     fn entry(seq: u64, body_len: usize) -> proto::Deliver {
         proto::Deliver {
