@@ -302,10 +302,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         latency_cell(&setup.summary()),
     )
     .row("server RSS before", mib(to_mib(rss_before)))
-    .row(
-        "server RSS just connected",
-        mib(to_mib(rss_connected)),
-    )
+    .row("server RSS just connected", mib(to_mib(rss_connected)))
     .row("server RSS after the hold", mib(to_mib(rss_after)))
     .row(
         "server memory per connection just connected",
