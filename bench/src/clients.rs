@@ -346,8 +346,23 @@ where
     F: Fn(u32) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
 {
+    open_all_limited(users, ramp_per_sec, MAX_IN_FLIGHT, setup).await
+}
+
+/// [`open_all`] with at most `in_flight` setups at once (at least 1).
+pub async fn open_all_limited<T, F, Fut>(
+    users: Range<u32>,
+    ramp_per_sec: f64,
+    in_flight: usize,
+    setup: F,
+) -> Opened<T>
+where
+    T: Send + 'static,
+    F: Fn(u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+{
     let setup = Arc::new(setup);
-    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let limit = Arc::new(Semaphore::new(in_flight.max(1)));
     let start = tokio::time::Instant::now();
     let per = Duration::from_secs_f64(1.0 / ramp_per_sec.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();

@@ -161,6 +161,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(max_blocking_threads())
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
@@ -185,6 +186,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// The server's blocking-pool threads: 4 per core, at least 8.
+///
+/// Only short storage reads run there (the login's `max_seq`, sync and
+/// history pages, group lookups, the metrics page), so a few threads per
+/// core keep the cores busy. Tokio's default of 512 lets a reconnect storm
+/// grow the pool to one thread per login in flight; each thread leaves an
+/// allocator heap behind when it ends, which measurably raised the memory
+/// every idle connection holds afterwards (docs/BENCHMARKS.md, `conns`).
+fn max_blocking_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (4 * cores).max(8)
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future completes on

@@ -1,7 +1,10 @@
 //! `conns`: N authenticated idle connections held for T seconds with
 //! heartbeats flowing. Measures the connect+auth rate and the server's
 //! memory per connection; every connection must survive and every Ping
-//! must be answered.
+//! must be answered. With `--login-sync` each client logs in as a real one
+//! does (the login sync on) and counts as connected once it has read the
+//! sync's last page; `--in-flight` bounds the handshakes at once, so a
+//! reconnect storm can be reproduced.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::clients::{
-    Conn, Drops, Fleet, Tokens, WriterStats, describe_end, open_all, spawn_writer, wait_until,
+    Conn, Drops, Fleet, Tokens, WriterStats, describe_end, open_all_limited, read_login_sync,
+    spawn_writer, wait_until,
 };
 use crate::hist::Hist;
 use crate::payload::now_ns;
@@ -33,6 +37,13 @@ pub struct ConnsArgs {
     /// Seconds to hold them once all are open.
     #[arg(long, default_value_t = 60)]
     pub hold: u64,
+    /// Log in with the login sync on (no `skip_sync`), as a reconnecting
+    /// client does, and read the sync before counting as connected.
+    #[arg(long)]
+    pub login_sync: bool,
+    /// Handshakes (connect + login) in flight at once, over all processes.
+    #[arg(long, default_value_t = 512)]
+    pub in_flight: u32,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -42,6 +53,8 @@ pub struct ConnsArgs {
 pub struct Job {
     fleet: Fleet,
     hold_secs: u64,
+    login_sync: bool,
+    in_flight: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,12 +126,18 @@ pub async fn worker(job: Job, io: &mut Io) -> anyhow::Result<()> {
     let state = Arc::new(State::default());
     let fleet = Arc::new(job.fleet);
     let ping = Duration::from_secs(fleet.ping_secs);
+    let login_sync = job.login_sync;
     let opened = {
         let (state, fleet) = (state.clone(), fleet.clone());
-        open_all(fleet.users.clone(), fleet.ramp_per_sec, move |i| {
+        let users = fleet.users.clone();
+        let ramp = fleet.ramp_per_sec;
+        open_all_limited(users, ramp, job.in_flight as usize, move |i| {
             let (state, fleet, tokens) = (state.clone(), fleet.clone(), tokens.clone());
             async move {
-                let (reader, writer, _ok) = fleet.login(&tokens, i, 0, true).await?;
+                let (mut reader, writer, _ok) = fleet.login(&tokens, i, 0, !login_sync).await?;
+                if login_sync {
+                    read_login_sync(&mut reader).await?;
+                }
                 let (tx, rx) = mpsc::channel(8);
                 let w = spawn_writer(writer, i, rx, ping, state.writer.clone());
                 let r = tokio::spawn(read_loop(reader, state));
@@ -165,6 +184,7 @@ pub async fn worker(job: Job, io: &mut Io) -> anyhow::Result<()> {
 pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     let common = &args.common;
     anyhow::ensure!(args.n >= 1, "--n must be at least 1");
+    anyhow::ensure!(args.in_flight >= 1, "--in-flight must be at least 1");
     if common.harness.ping_secs >= args.hold {
         eprintln!(
             "conns: note: --ping-secs {} ≥ --hold {}: no heartbeat will be sent while holding",
@@ -184,26 +204,37 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
             worker::Job::Conns(Job {
                 fleet: target.fleet(common, users, args.n, workers),
                 hold_secs: args.hold,
+                login_sync: args.login_sync,
+                // Split like the ramp; every process keeps at least one.
+                in_flight: args.in_flight.div_ceil(workers as u32),
             })
         })
         .collect();
     let mut pool = Pool::start(jobs).await?;
     target.sampler.add_harness(pool.pids());
     eprintln!(
-        "conns: opening {} connections at {}/s over {} process(es)…",
-        args.n, common.harness.ramp, workers
+        "conns: opening {} connections at {}/s ({} in flight, login sync {}) over {} process(es)…",
+        args.n,
+        common.harness.ramp,
+        args.in_flight,
+        if args.login_sync { "on" } else { "off" },
+        workers
     );
 
     let t0 = now_ns();
     let connected: Vec<Connected> = pool.ask(&Cmd::Connect).await?;
     let t1 = now_ns();
+    let rss_connected = target.sampler.server_rss_now();
     target.check_alive()?;
     eprintln!("conns: holding for {} s…", args.hold);
     let metrics_before = target.scrape().await;
     let held: Vec<Held> = pool.ask(&Cmd::Hold).await?;
     let t2 = now_ns();
-    let server = ServerFigures::between(metrics_before.as_ref(), target.scrape().await.as_ref());
+    // Before the scrape: serving `/metrics` wakes a blocking-pool thread,
+    // whose allocator heap may then reclaim and free memory that idle
+    // connections alone would keep holding.
     let rss_after = target.sampler.server_rss_now();
+    let server = ServerFigures::between(metrics_before.as_ref(), target.scrape().await.as_ref());
     target.check_alive()?;
     let _: Vec<Closed> = pool.ask(&Cmd::Close).await?;
     pool.finish().await?;
@@ -225,9 +256,17 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     let pings: u64 = held.iter().map(|h| h.pings).sum();
     let pongs: u64 = held.iter().map(|h| h.pongs).sum();
     let failed_pings = pings.saturating_sub(pongs);
-    let per_conn = match (rss_before, rss_after) {
+    let per_conn_at = |after: Option<u64>| match (rss_before, after) {
         (Some(b), Some(a)) if ok > 0 => Some((a as f64 - b as f64) * 1024.0 / ok as f64),
         _ => None,
+    };
+    // The figure: what the idle connections hold once the storm is over
+    // (idle blocking threads have ended by then, after 10 s).
+    let per_conn = per_conn_at(rss_after);
+    let per_conn_connected = per_conn_at(rss_connected);
+    let per_conn_cell = |b: Option<f64>| {
+        b.map(|b| format!("{:.1} KiB ({b:.0} bytes)", b / 1024.0))
+            .unwrap_or_else(|| "n/a".into())
     };
     let to_mib = |k: Option<u64>| k.map(|k| k as f64 / 1024.0);
 
@@ -243,6 +282,15 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     .row("connect retries", retries)
     .row("processes", workers)
     .row(
+        "login",
+        if args.login_sync {
+            "with the login sync"
+        } else {
+            "skip_sync"
+        },
+    )
+    .row("handshakes in flight (max)", args.in_flight)
+    .row(
         "connect+auth rate",
         format!(
             "{rate:.0} conns/s (ramp {}/s, {connect_secs:.2} s)",
@@ -254,12 +302,15 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         latency_cell(&setup.summary()),
     )
     .row("server RSS before", mib(to_mib(rss_before)))
-    .row("server RSS after (all connected)", mib(to_mib(rss_after)))
+    .row("server RSS just connected", mib(to_mib(rss_connected)))
+    .row("server RSS after the hold", mib(to_mib(rss_after)))
     .row(
-        "server memory per connection",
-        per_conn
-            .map(|b| format!("{:.1} KiB ({b:.0} bytes)", b / 1024.0))
-            .unwrap_or_else(|| "n/a".into()),
+        "server memory per connection just connected",
+        per_conn_cell(per_conn_connected),
+    )
+    .row(
+        "server memory per connection (after the hold)",
+        per_conn_cell(per_conn),
     )
     .row("pings sent / pongs received", format!("{pings} / {pongs}"))
     .row("drops (closed by server)", drops)
@@ -296,6 +347,8 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         "hold_secs": args.hold,
         "ping_secs": common.harness.ping_secs,
         "ramp_per_sec": common.harness.ramp,
+        "login_sync": args.login_sync,
+        "in_flight": args.in_flight,
         "processes": workers,
         "connected": ok,
         "connect_failures": failed,
@@ -304,7 +357,9 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         "connect_rate_per_sec": rate,
         "connect_latency": setup.summary(),
         "server_rss_before_mib": to_mib(rss_before),
+        "server_rss_connected_mib": to_mib(rss_connected),
         "server_rss_after_mib": to_mib(rss_after),
+        "server_bytes_per_connection_connected": per_conn_connected,
         "server_bytes_per_connection": per_conn,
         "pings_sent": pings,
         "pongs_received": pongs,

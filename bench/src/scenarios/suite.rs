@@ -37,6 +37,8 @@ pub async fn run(args: &SuiteArgs) -> Vec<Outcome> {
             ScenarioRun::Conns(conns::ConnsArgs {
                 n: users,
                 hold: 10,
+                login_sync: false,
+                in_flight: 512,
                 common: conns_common,
             }),
         ),
