@@ -475,6 +475,8 @@ async fn session(
     let mut buffer: VecDeque<Delivery> = VecDeque::new();
     let mut in_flight: u64 = 0;
     let mut closing = false;
+    // Set once nsqd answered CLS with CLOSE_WAIT while messages were out.
+    let mut close_deadline: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             frame = conn.read_frame() => {
@@ -493,8 +495,15 @@ async fn session(
                         });
                     }
                     Some(Event::Response(data)) if data.as_ref() == CLOSE_WAIT => {
-                        debug!(nsqd = %conn.peer(), "CLOSE_WAIT");
-                        return Ok(());
+                        debug!(nsqd = %conn.peer(), in_flight, "CLOSE_WAIT");
+                        if in_flight == 0 {
+                            return Ok(());
+                        }
+                        // nsqd sends no more messages, but still takes FIN and
+                        // REQ for the ones out: wait for the application's
+                        // answers (its commits), at most until nsqd would time
+                        // them out and redeliver anyway.
+                        close_deadline = Some(tokio::time::Instant::now() + msg_timeout);
                     }
                     Some(Event::Response(data)) => {
                         warn!(nsqd = %conn.peer(), data = ?data, "unexpected response on a consumer");
@@ -554,10 +563,24 @@ async fn session(
             }
             _ = shutdown.cancelled(), if !closing => {
                 closing = true;
+                // What the application was never handed goes back to nsqd
+                // now (each dropped Delivery sends a REQ), rather than after
+                // the message timeout.
+                buffer.clear();
                 conn.send(&Command::Cls).await?;
+            }
+            // Evaluated even while disabled: a far deadline stands in.
+            _ = tokio::time::sleep_until(close_deadline.unwrap_or_else(far_future)), if close_deadline.is_some() => {
+                warn!(nsqd = %conn.peer(), in_flight, "closing with messages unanswered; nsqd will redeliver them");
+                return Ok(());
             }
         }
     }
+}
+
+/// A deadline that never comes in practice (for a disabled `select!` branch).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
 #[cfg(test)]

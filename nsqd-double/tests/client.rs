@@ -772,3 +772,32 @@ async fn throughput() {
     })
     .await
 }
+
+/// A consumer shutting down sends CLS, but a message the application holds
+/// can still be FINed after its commit: the session ends only once nothing
+/// is out (nsqd answers CLS with CLOSE_WAIT and keeps taking FIN/REQ).
+#[tokio::test]
+async fn shutdown_waits_for_the_fin_of_a_message_the_application_holds() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t_cls").unwrap();
+        let p = producer(&d);
+        let mut c = Consumer::start(consumer_config(&[&d], "t_cls", 8)).unwrap();
+        p.publish(&topic, Bytes::from_static(b"held"))
+            .await
+            .unwrap();
+        let held = c.recv().await.unwrap();
+        let shutting_down = tokio::spawn(c.shutdown());
+        d.wait_for(|s| s.command("CLS") == 1).await;
+        assert!(
+            !shutting_down.is_finished(),
+            "the session must wait for the held message's answer"
+        );
+        held.fin().await.expect("FIN after CLS still reaches nsqd");
+        d.wait_for(|s| s.finished == 1).await;
+        shutting_down.await.unwrap();
+        assert_eq!(d.depth("t_cls", "ch").in_flight, 0);
+        assert_eq!(d.stats().requeued, 0);
+    })
+    .await
+}
