@@ -255,32 +255,20 @@ impl Consumer {
         let stats = Arc::new(ConsumerStats::default());
         let shutdown = CancellationToken::new();
         let config = Arc::new(config);
-        let sessions = Arc::new(AtomicUsize::new(0));
+        let spawner = Arc::new(SessionSpawner {
+            config: config.clone(),
+            tx,
+            max_tx: max_tx.clone(),
+            sessions: Arc::new(AtomicUsize::new(0)),
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+        });
         let mut tasks = JoinSet::new();
         for addr in &config.addresses {
-            let index = sessions.fetch_add(1, Ordering::Relaxed);
-            tasks.spawn(run(
-                config.clone(),
-                Session {
-                    addr: addr.clone(),
-                    index,
-                    sessions: sessions.clone(),
-                },
-                tx.clone(),
-                max_tx.subscribe(),
-                stats.clone(),
-                shutdown.clone(),
-            ));
+            spawner.spawn(&mut tasks, addr.clone());
         }
         if !config.lookupd_http_addresses.is_empty() {
-            tasks.spawn(discover(
-                config.clone(),
-                tx.clone(),
-                max_tx.clone(),
-                sessions,
-                stats.clone(),
-                shutdown.clone(),
-            ));
+            tasks.spawn(discover(spawner));
         }
         Ok(Consumer {
             rx,
@@ -331,14 +319,14 @@ struct Session {
 
 /// Asks nsqlookupd every poll interval and starts a session for each nsqd not seen before.
 /// Sessions are never stopped: one whose nsqd went away keeps retrying with back-off.
-async fn discover(
-    config: Arc<ConsumerConfig>,
-    tx: mpsc::Sender<Delivery>,
-    max_tx: Arc<watch::Sender<u32>>,
-    sessions: Arc<AtomicUsize>,
-    stats: Arc<ConsumerStats>,
-    shutdown: CancellationToken,
-) {
+async fn discover(spawner: Arc<SessionSpawner>) {
+    let SessionSpawner {
+        config,
+        stats,
+        shutdown,
+        max_tx,
+        ..
+    } = &*spawner;
     let mut known: HashSet<String> = config.addresses.iter().cloned().collect();
     let mut spawned = JoinSet::new();
     let mut tick = tokio::time::interval(config.lookupd_poll_interval);
@@ -367,25 +355,43 @@ async fn discover(
                 }
                 info!(nsqlookupd = %lookupd, nsqd = %addr, topic = %config.topic, "nsqd discovered");
                 stats.discovered.fetch_add(1, Ordering::Relaxed);
-                let index = sessions.fetch_add(1, Ordering::Relaxed);
-                spawned.spawn(run(
-                    config.clone(),
-                    Session {
-                        addr,
-                        index,
-                        sessions: sessions.clone(),
-                    },
-                    tx.clone(),
-                    max_tx.subscribe(),
-                    stats.clone(),
-                    shutdown.clone(),
-                ));
+                spawner.spawn(&mut spawned, addr);
                 // Every session recomputes its share of the RDY.
                 max_tx.send_modify(|_| {});
             }
         }
     }
     while spawned.join_next().await.is_some() {}
+}
+
+/// What every session of one consumer shares: starts a session per nsqd
+/// address, the configured ones and the discovered ones alike.
+struct SessionSpawner {
+    config: Arc<ConsumerConfig>,
+    tx: mpsc::Sender<Delivery>,
+    max_tx: Arc<watch::Sender<u32>>,
+    /// Sessions started so far: each takes the next index, for its RDY share.
+    sessions: Arc<AtomicUsize>,
+    stats: Arc<ConsumerStats>,
+    shutdown: CancellationToken,
+}
+
+impl SessionSpawner {
+    fn spawn(self: &Arc<Self>, set: &mut JoinSet<()>, addr: String) {
+        let index = self.sessions.fetch_add(1, Ordering::Relaxed);
+        set.spawn(run(
+            self.config.clone(),
+            Session {
+                addr,
+                index,
+                sessions: self.sessions.clone(),
+            },
+            self.tx.clone(),
+            self.max_tx.subscribe(),
+            self.stats.clone(),
+            self.shutdown.clone(),
+        ));
+    }
 }
 
 /// This session's share of the total RDY.
