@@ -132,6 +132,22 @@ impl TestServer {
     }
 
     /// Stops the server (graceful shutdown) and waits for it.
+    /// Logs `user` in, retrying while the server answers
+    /// `TOO_MANY_CONNECTIONS` (a slot frees when a closed connection is
+    /// cleaned up, which the test cannot observe directly).
+    pub async fn login_once_a_slot_frees(&self, user: &str, device: &str) -> Client {
+        within(async {
+            loop {
+                let mut c = self.connect().await;
+                match c.authenticate(&self.token(user), device, 0).await {
+                    Ok(_) => break c,
+                    Err(e) => assert_eq!(e.code(), Some(ErrorCode::TooManyConnections)),
+                }
+            }
+        })
+        .await
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -174,6 +190,18 @@ pub async fn expect_closed(client: &mut Client) {
             })) => continue,
             Ok(Some(f)) => panic!("expected close, got {}", f.kind_name()),
             Err(e) => panic!("expected close, got {e}"),
+        }
+    }
+}
+
+/// Reads until the SendAck for `cid`, skipping other frames; fails the
+/// test on an `Error`.
+pub async fn await_ack(client: &mut Client, cid: u64) -> proto::SendAck {
+    loop {
+        match within(client.recv_frame()).await.expect("recv") {
+            Body::SendAck(ack) if ack.client_msg_id == cid => return ack,
+            Body::Error(e) => panic!("send {cid} failed: {:?} {}", e.code(), e.message),
+            _ => continue,
         }
     }
 }

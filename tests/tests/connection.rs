@@ -289,16 +289,7 @@ async fn connection_limit_refuses_the_extra_one() {
     assert_alive(&mut b).await;
     // A slot frees up when someone leaves.
     drop(a);
-    let mut retry = within(async {
-        loop {
-            let mut c = server.connect().await;
-            match c.authenticate(&server.token("dave"), "phone", 0).await {
-                Ok(_) => break c,
-                Err(e) => assert_eq!(e.code(), Some(ErrorCode::TooManyConnections)),
-            }
-        }
-    })
-    .await;
+    let mut retry = server.login_once_a_slot_frees("dave", "phone").await;
     assert_alive(&mut retry).await;
     server.stop().await;
 }
@@ -412,16 +403,7 @@ async fn pending_auth_connections_are_bounded_separately() {
     within(idle1.authenticate(&server.token("alice"), "phone", 0))
         .await
         .unwrap();
-    let mut dave = within(async {
-        loop {
-            let mut c = server.connect().await;
-            match c.authenticate(&server.token("dave"), "phone", 0).await {
-                Ok(_) => break c,
-                Err(e) => assert_eq!(e.code(), Some(ErrorCode::TooManyConnections)),
-            }
-        }
-    })
-    .await;
+    let mut dave = server.login_once_a_slot_frees("dave", "phone").await;
     assert_alive(&mut dave).await;
     assert_alive(&mut idle1).await;
     server.stop().await;

@@ -28,17 +28,6 @@ fn send_to(to: &str, cid: u64, body: Vec<u8>) -> proto::Send {
     }
 }
 
-/// Reads until the SendAck for `cid`.
-async fn await_ack(client: &mut Client, cid: u64) -> proto::SendAck {
-    loop {
-        match within(client.recv_frame()).await.expect("recv") {
-            Body::SendAck(ack) if ack.client_msg_id == cid => return ack,
-            Body::Error(e) => panic!("send {cid} failed: {:?} {}", e.code(), e.message),
-            _ => continue,
-        }
-    }
-}
-
 /// Reads until the `Error`, skipping the login sync and live entries.
 async fn next_error(client: &mut Client) -> proto::Error {
     loop {

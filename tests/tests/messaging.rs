@@ -32,17 +32,6 @@ fn send_to(to: Option<proto::Conversation>, cid: u64, body: &str) -> proto::Send
     }
 }
 
-/// Reads until the SendAck for `cid` (other frames are returned too).
-async fn await_ack(client: &mut Client, cid: u64) -> proto::SendAck {
-    loop {
-        match within(client.recv_frame()).await.expect("recv") {
-            Body::SendAck(ack) if ack.client_msg_id == cid => return ack,
-            Body::Error(e) => panic!("send {cid} failed: {:?} {}", e.code(), e.message),
-            _ => continue,
-        }
-    }
-}
-
 /// Reads inbox entries (live or synced) until `n` have arrived; checks they
 /// come in seq order with no gap and no duplicate after `after`.
 async fn entries(client: &mut Client, after: u64, n: usize) -> Vec<proto::Deliver> {
