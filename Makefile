@@ -56,10 +56,13 @@ bench: build
 	$(CARGO) bench --profile release --workspace
 	$(CARGO_TARGET_DIR)/release/ferry-bench suite --spawn
 
-## fuzz: run the frame decoder fuzz target for FUZZ_SECONDS (default 300).
+## fuzz: run each fuzz target (FUZZ_TARGETS) of the protocol crate for FUZZ_SECONDS (default 300).
+FUZZ_TARGETS ?= decode_frames decode_envelope
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd protocol && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz decode_frames -- -max_total_time=$(FUZZ_SECONDS)
+	cd protocol && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 fmt:
 	$(CARGO) fmt --all
