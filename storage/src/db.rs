@@ -42,8 +42,11 @@ pub mod cf {
     pub const GROUPS: &str = "groups";
     /// Schema version, id high-water mark.
     pub const META: &str = "meta";
+    /// Link batches for peer nodes, kept until the peer confirms them
+    /// (cluster mode only; empty on a single node).
+    pub const OUTBOX: &str = "outbox";
     /// All of them, in creation order.
-    pub const ALL: [&str; 6] = [INBOX, MSGS, DEDUP, CURSORS, GROUPS, META];
+    pub const ALL: [&str; 7] = [INBOX, MSGS, DEDUP, CURSORS, GROUPS, META, OUTBOX];
 }
 
 /// The on-disk layout this code reads and writes.

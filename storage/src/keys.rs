@@ -22,6 +22,9 @@
 //!             (tombstone: a dissolved group's id is never used again)
 //! meta      b"schema_version"                            → u32
 //!           b"msg_id_high_water"                         → u64
+//!           b"link_out"[peer u16]                        → last link seq assigned for peer u64
+//!           b"link_in"[origin u16]                       → last link seq applied from origin u64
+//! outbox    [peer u16][link seq u64]                     → bus Envelope (a LinkBatch), until confirmed
 //! ```
 
 /// Longest id (user, device, group) a key can hold.
@@ -190,6 +193,28 @@ pub fn group_tombstone_key(group: &str) -> Vec<u8> {
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 /// Highest message id ever issued, in `meta`.
 pub const META_MSG_ID_HIGH_WATER: &[u8] = b"msg_id_high_water";
+
+/// `b"link_out"[peer]` in `meta`: the last link seq assigned for `peer`.
+pub fn link_out_key(peer: u16) -> Vec<u8> {
+    let mut k = b"link_out".to_vec();
+    k.extend_from_slice(&peer.to_be_bytes());
+    k
+}
+
+/// `b"link_in"[origin]` in `meta`: the last link seq applied from `origin`.
+pub fn link_in_key(origin: u16) -> Vec<u8> {
+    let mut k = b"link_in".to_vec();
+    k.extend_from_slice(&origin.to_be_bytes());
+    k
+}
+
+/// `[peer][seq]` in `outbox`.
+pub fn outbox_key(peer: u16, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10);
+    k.extend_from_slice(&peer.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
 
 #[cfg(test)]
 mod tests {

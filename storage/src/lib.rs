@@ -7,6 +7,8 @@
 //! - [`commit`]: the group committer, the one writer: one `WriteBatch` and
 //!   one WAL sync per batch, outcomes reported after durability.
 //! - [`groups`]: group membership snapshots and their cache.
+//! - [`link`]: cluster links: the outbox of batches for peer nodes, the
+//!   link positions, and [`Homes`] (where users and groups live).
 //! - [`retention`]: background removal of expired entries.
 //! - [`now_ms`] and [`retention_cutoff_ms`]: the one clock and the one
 //!   retention cut-off every part of ferry uses.
@@ -21,6 +23,7 @@ pub mod commit;
 pub mod db;
 pub mod groups;
 pub mod keys;
+pub mod link;
 pub mod model;
 pub mod retention;
 
@@ -30,6 +33,7 @@ pub use commit::{
 };
 pub use db::{InboxPage, Storage, StorageOptions};
 pub use groups::{Group, Refusal};
+pub use link::{Homes, LinkOut, NodeId};
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {
