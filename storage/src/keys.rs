@@ -23,7 +23,8 @@
 //! meta      b"schema_version"                            → u32
 //!           b"msg_id_high_water"                         → u64
 //!           b"link_out"[peer u16]                        → last link seq assigned for peer u64
-//!           b"link_in"[origin u16]                       → last link seq applied from origin u64
+//!           b"link_in"[origin u16]                       → origin's epoch u64, last seq applied u64
+//!           b"link_epoch"                                → this data dir's link epoch u64
 //! outbox    [peer u16][link seq u64]                     → bus Envelope (a LinkBatch), until confirmed
 //! ```
 
@@ -193,6 +194,9 @@ pub fn group_tombstone_key(group: &str) -> Vec<u8> {
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 /// Highest message id ever issued, in `meta`.
 pub const META_MSG_ID_HIGH_WATER: &[u8] = b"msg_id_high_water";
+
+/// This data dir's link epoch, in `meta` (see `crate::link`).
+pub const META_LINK_EPOCH: &[u8] = b"link_epoch";
 
 /// `b"link_out"[peer]` in `meta`: the last link seq assigned for `peer`.
 pub fn link_out_key(peer: u16) -> Vec<u8> {

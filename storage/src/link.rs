@@ -5,8 +5,14 @@
 //! ```text
 //! outbox  [peer u16][seq u64]  → encoded bus Envelope (LinkBatch), until the peer confirms it
 //! meta    b"link_out"[peer]    → last link seq assigned for the peer (survives an empty outbox)
-//!         b"link_in"[origin]   → last link seq applied from the origin (the duplicate check)
+//!         b"link_in"[origin]   → origin's epoch u64, last link seq applied from it u64
+//!         b"link_epoch"        → this data dir's link epoch (random, made once)
 //! ```
+//!
+//! The epoch names a data dir's history: a receiver that sees a new epoch
+//! from a sender (its data dir was replaced, or restored from a backup)
+//! starts that link over at seq 1 instead of dropping its batches as
+//! replays of seqs it has applied before.
 //!
 //! The committer writes outbox rows and both positions in the same
 //! `WriteBatch` as the change they carry; this module reads them back (at
@@ -47,6 +53,19 @@ pub struct LinkOut {
     pub envelope: Bytes,
 }
 
+/// A random, non-zero epoch: the standard library's per-process random
+/// hash keys over the clock (no extra dependency for 64 random bits).
+fn new_epoch() -> u64 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::collections::hash_map::RandomState::new()
+        .hash_one(nanos)
+        .max(1)
+}
+
 fn u64_value(value: &[u8]) -> Result<u64, StorageError> {
     <[u8; 8]>::try_from(value)
         .map(u64::from_be_bytes)
@@ -65,15 +84,46 @@ impl Storage {
         }
     }
 
-    /// The last link seq applied from `origin` (0: none yet).
-    pub fn link_in_applied(&self, origin: NodeId) -> Result<u64, StorageError> {
+    /// The epoch of `origin`'s link and the last seq applied from it
+    /// (`(0, 0)`: nothing applied yet).
+    pub fn link_in_applied(&self, origin: NodeId) -> Result<(u64, u64), StorageError> {
         match self
             .db
             .get_cf(self.cf(cf::META), keys::link_in_key(origin))?
         {
-            Some(v) => u64_value(&v),
-            None => Ok(0),
+            Some(v) if v.len() == 16 => Ok((u64_value(&v[..8])?, u64_value(&v[8..])?)),
+            Some(_) => Err(StorageError::Schema("unreadable link position".into())),
+            None => Ok((0, 0)),
         }
+    }
+
+    /// This data dir's link epoch, made (randomly, and written with a WAL
+    /// sync) the first time it is asked for. Never 0.
+    pub fn link_epoch(&self) -> Result<u64, StorageError> {
+        let meta = self.cf(cf::META);
+        if let Some(v) = self.db.get_cf(meta, keys::META_LINK_EPOCH)? {
+            return u64_value(&v);
+        }
+        self.write_link_epoch(new_epoch())
+    }
+
+    /// Gives this data dir a new link epoch (after a restore from a backup:
+    /// its peers must not take its new batches for replays of old ones).
+    pub fn renew_link_epoch(&self) -> Result<u64, StorageError> {
+        self.write_link_epoch(new_epoch())
+    }
+
+    fn write_link_epoch(&self, epoch: u64) -> Result<u64, StorageError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(
+            self.cf(cf::META),
+            keys::META_LINK_EPOCH,
+            epoch.to_be_bytes(),
+        );
+        self.db.write_opt(batch, &wo)?;
+        Ok(epoch)
     }
 
     /// Up to `limit` outbox rows for `peer` with seq `>= from_seq`, in seq
@@ -159,7 +209,13 @@ mod tests {
         );
         assert_eq!(storage.link_out_last(2).unwrap(), 300);
         assert_eq!(storage.link_out_last(3).unwrap(), 0);
-        assert_eq!(storage.link_in_applied(2).unwrap(), 0);
+        assert_eq!(storage.link_in_applied(2).unwrap(), (0, 0));
+        let epoch = storage.link_epoch().unwrap();
+        assert_ne!(epoch, 0);
+        assert_eq!(storage.link_epoch().unwrap(), epoch, "made once, then read");
+        let renewed = storage.renew_link_epoch().unwrap();
+        assert_ne!(renewed, epoch);
+        assert_eq!(storage.link_epoch().unwrap(), renewed);
 
         storage.trim_outbox(2, 2).unwrap();
         assert_eq!(seqs(2, 0), vec![3, 300]);
