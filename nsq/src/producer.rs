@@ -147,6 +147,17 @@ pub struct ProducerStats {
     pub acked: std::sync::atomic::AtomicU64,
     /// Successful connections (1 + reconnects).
     pub connects: std::sync::atomic::AtomicU64,
+    /// Whether the producer holds a connection to an nsqd right now.
+    pub connected_now: std::sync::atomic::AtomicBool,
+}
+
+impl ProducerStats {
+    /// Whether the producer holds a connection to an nsqd right now (a
+    /// node's `/readyz` reports it).
+    pub fn connected(&self) -> bool {
+        self.connected_now
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// A handle to the producer task. Cheap to clone; the task ends when every handle is gone
@@ -272,8 +283,15 @@ async fn run(
             .connects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(nsqd = %conn.peer(), "nsq producer connected");
+        stats
+            .connected_now
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let started = tokio::time::Instant::now();
-        match session(&config, &mut conn, &mut rx, &mut carry, &stats, &shutdown).await {
+        let ended = session(&config, &mut conn, &mut rx, &mut carry, &stats, &shutdown).await;
+        stats
+            .connected_now
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match ended {
             Ok(()) => break,
             Err(e) => {
                 warn!(nsqd = %conn.peer(), error = %e, "nsq producer connection lost; reconnecting");

@@ -273,6 +273,28 @@ async fn both_sides_reconnect_after_the_double_drops_every_connection() {
 }
 
 #[tokio::test]
+async fn the_producer_says_whether_it_holds_an_nsqd_connection() {
+    bounded(20, async {
+        let d = double().await;
+        let topic = Topic::new("t-connected").unwrap();
+        let p = producer(&d);
+        assert!(
+            !p.stats().connected(),
+            "nothing connected before the first connect"
+        );
+        p.publish(&topic, Bytes::from_static(b"x")).await.unwrap();
+        assert!(p.stats().connected());
+        d.shutdown().await;
+        // The idle producer reads its connection, sees it close and cannot
+        // reconnect to a stopped nsqd.
+        while p.stats().connected() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
 async fn duplicate_delivery_is_seen_twice() {
     bounded(20, async {
         let d = double().await;
