@@ -155,6 +155,10 @@ fn describe_all() {
         "Bytes written to authenticated clients"
     );
     describe_counter!(
+        "ferry_redirects_total",
+        "Cluster mode: Auths answered with Redirect, by the user's home node"
+    );
+    describe_counter!(
         "ferry_admin_requests_total",
         "Admin API requests, by HTTP status"
     );
@@ -389,6 +393,13 @@ pub fn pending_auth(delta: f64) {
 /// A connection authenticated.
 pub fn authenticated() {
     HANDLES.authenticated.increment(1);
+}
+
+/// A verified Auth was redirected to the user's home node `node`. The
+/// series appears with the first redirect to that node (not on a per-frame
+/// path: one label lookup per redirected connection).
+pub fn redirected(node: ferry_cluster::NodeId) {
+    counter!("ferry_redirects_total", "node" => node.to_string()).increment(1);
 }
 
 /// The metric label of an error code: its protocol name in lower case
