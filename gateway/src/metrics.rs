@@ -395,9 +395,19 @@ pub fn authenticated() {
     HANDLES.authenticated.increment(1);
 }
 
-/// A verified Auth was redirected to the user's home node `node`. The
-/// series appears with the first redirect to that node (not on a per-frame
-/// path: one label lookup per redirected connection).
+/// Registers `ferry_redirects_total{node}` at 0 for every other node of
+/// the cluster, so the series exist from the first scrape (none outside a
+/// cluster).
+pub fn init_redirects(placement: &ferry_cluster::Placement) {
+    for node in placement.nodes() {
+        if node.id != placement.self_id() {
+            counter!("ferry_redirects_total", "node" => node.id.to_string()).increment(0);
+        }
+    }
+}
+
+/// A verified Auth was redirected to the user's home node `node` (once per
+/// redirected connection, not per frame: the label lookup is affordable).
 pub fn redirected(node: ferry_cluster::NodeId) {
     counter!("ferry_redirects_total", "node" => node.to_string()).increment(1);
 }

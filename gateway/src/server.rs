@@ -222,6 +222,7 @@ impl Server {
     /// with no token at all it refuses every call.
     pub fn new(config: Config, router: Arc<Router>, tokens: TokenVerifier) -> Server {
         m::init();
+        m::init_redirects(router.placement());
         let heartbeat = Heartbeat::new(config.heartbeat_secs);
         let admin_token = config
             .admin_token

@@ -258,10 +258,20 @@ async fn route_answers_alike_on_every_node_and_matches_where_auth_lands() {
             assert!(v.get("uid").is_none());
         }
     }
-    // stats says which node answered.
     for (id, node) in &cluster.nodes {
+        // stats says which node answered.
         let r = admin(node.http, "GET", "/admin/stats", None).await;
         assert_eq!(r.json()["node_id"], id.to_string());
+        // A redirect series per other node, at 0 (nobody was redirected).
+        let metrics = http(node.http, "GET", "/metrics", &[], None).await.body;
+        for other in cluster.nodes.keys() {
+            let series = format!("ferry_redirects_total{{node=\"{other}\"}} 0");
+            assert_eq!(
+                metrics.contains(&series),
+                other != id,
+                "{series} on node {id}"
+            );
+        }
     }
 }
 
