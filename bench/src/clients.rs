@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_gateway::auth::TokenVerifier;
-use ferry_protocol::client::{Client, FrameReader, FrameWriter};
+use ferry_protocol::client::{Client, FrameReader, FrameWriter, MAX_REDIRECTS};
 use ferry_protocol::proto::{self, Frame, frame::Body};
 use ferry_protocol::{FrameCodec, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
@@ -83,9 +83,15 @@ impl Fleet {
         last_seq: u64,
         skip_sync: bool,
     ) -> anyhow::Result<(FrameReader, FrameWriter, proto::AuthOk)> {
-        let stream = tcp_connect(self.addr, self.source_ips, index).await?;
-        let client = Client::from_stream(stream, client_codec());
-        login(client, tokens.get(index), last_seq, skip_sync).await
+        connect_login(
+            self.addr,
+            self.source_ips,
+            index,
+            tokens.get(index),
+            last_seq,
+            skip_sync,
+        )
+        .await
     }
 }
 
@@ -151,13 +157,53 @@ pub async fn tcp_connect(
     Ok(stream)
 }
 
-/// Sends Auth and waits for AuthOk.
-pub async fn login(
-    mut client: Client,
+/// Redirects this process's logins followed (cluster mode), for the reports.
+static REDIRECTS: AtomicU64 = AtomicU64::new(0);
+
+/// Redirects followed so far by this process's logins.
+pub fn redirects_followed() -> u64 {
+    REDIRECTS.load(Ordering::Relaxed)
+}
+
+/// Connects to `addr` (from a source address as [`tcp_connect`] picks it)
+/// and logs in; in a cluster, follows `Redirect`s to the user's home node,
+/// at most [`MAX_REDIRECTS`] in a row (docs/PROTOCOL.md section 4.7).
+pub async fn connect_login(
+    addr: SocketAddr,
+    source_ips: u32,
+    index: u32,
     token: &str,
     last_seq: u64,
     skip_sync: bool,
 ) -> anyhow::Result<(FrameReader, FrameWriter, proto::AuthOk)> {
+    let mut addr = addr;
+    for _ in 0..=MAX_REDIRECTS {
+        let stream = tcp_connect(addr, source_ips, index).await?;
+        let client = Client::from_stream(stream, client_codec());
+        match login_or_redirect(client, token, last_seq, skip_sync).await? {
+            Ok(logged_in) => return Ok(logged_in),
+            Err(redirect) => {
+                REDIRECTS.fetch_add(1, Ordering::Relaxed);
+                addr = tokio::net::lookup_host(redirect.address.as_str())
+                    .await
+                    .ok()
+                    .and_then(|mut addrs| addrs.next())
+                    .with_context(|| {
+                        format!("redirect to an unusable address `{}`", redirect.address)
+                    })?;
+            }
+        }
+    }
+    bail!("more than {MAX_REDIRECTS} redirects in a row: the cluster's node lists disagree")
+}
+
+/// Sends Auth and waits for AuthOk (`Ok(Ok)`) or a Redirect (`Ok(Err)`).
+async fn login_or_redirect(
+    mut client: Client,
+    token: &str,
+    last_seq: u64,
+    skip_sync: bool,
+) -> anyhow::Result<Result<(FrameReader, FrameWriter, proto::AuthOk), proto::Redirect>> {
     client
         .send(proto::Auth {
             token: token.to_owned(),
@@ -172,7 +218,7 @@ pub async fn login(
             match client.recv().await? {
                 Some(Frame {
                     body: Some(Body::AuthOk(ok)),
-                }) => return Ok(ok),
+                }) => return Ok(Ok(ok)),
                 Some(Frame {
                     body: Some(Body::Error(e)),
                 }) => bail!("login refused: {:?}: {}", e.code(), e.message),
@@ -181,10 +227,7 @@ pub async fn login(
                 }) => bail!("kicked during login: {:?}", k.reason()),
                 Some(Frame {
                     body: Some(Body::Redirect(r)),
-                }) => bail!(
-                    "redirected to {} (cluster mode is not supported)",
-                    r.address
-                ),
+                }) => return Ok(Err(r)),
                 Some(_) => continue,
                 None => bail!("the server closed the connection during login"),
             }
@@ -192,8 +235,12 @@ pub async fn login(
     })
     .await
     .context("no AuthOk within 30 s")??;
+    let ok = match ok {
+        Ok(ok) => ok,
+        Err(redirect) => return Ok(Err(redirect)),
+    };
     let (reader, writer) = client.split();
-    Ok((reader, writer, ok))
+    Ok(Ok((reader, writer, ok)))
 }
 
 /// Reads the login sync (SyncBatch frames with request_id 0) to its end and

@@ -14,6 +14,9 @@
 //!   N messages from others (or system messages) have arrived, then exits 0;
 //!   the timeout exits non-zero.
 //!
+//! In a cluster, any node's address works: the login follows `Redirect`s to
+//! the user's home node (at most 3 in a row, docs/PROTOCOL.md section 4.7).
+//!
 //! It is a plain protocol client ([`ferry_protocol::client`]): it acks what
 //! it prints (interactive mode only), pings when idle, and keeps no state
 //! between runs (`--last-seq` resumes from a position).
@@ -35,7 +38,7 @@ use ferry_gateway::auth::{SecretError, TokenVerifier, load_secret};
 /// Flags of `ferry chat`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChatArgs {
-    /// The server's client address.
+    /// The server's client address (in a cluster, any node's: redirects are followed).
     #[arg(long, env = "FERRY_SERVER", default_value = "127.0.0.1:7600")]
     pub server: String,
     /// Client token (JWT) to authenticate with.
@@ -165,25 +168,32 @@ pub async fn run(args: ChatArgs) -> Result<(), ChatError> {
     // A --send alone needs no history; everything else shows the inbox.
     let skip_sync = args.skip_sync || (args.send.is_some() && args.recv.is_none());
 
-    let mut client = Client::connect(args.server.as_str()).await?;
-    client
-        .send(proto::Auth {
-            token,
-            device_id: device.clone(),
-            protocol_version: ferry_protocol::PROTOCOL_VERSION as i32,
-            last_seq: args.last_seq,
-            skip_sync,
-        })
-        .await?;
-    let auth_ok = match client.recv_frame().await? {
-        Body::AuthOk(ok) => ok,
-        Body::Error(e) => {
+    // Follows a cluster's Redirects to the user's home node (at most 3).
+    let auth = proto::Auth {
+        token,
+        device_id: device.clone(),
+        protocol_version: ferry_protocol::PROTOCOL_VERSION as i32,
+        last_seq: args.last_seq,
+        skip_sync,
+    };
+    let login = match Client::connect_with_auth(args.server.as_str(), auth).await {
+        Ok(login) => login,
+        Err(ClientError::Rejected(e)) => {
             return Err(ChatError::Refused {
                 code: code_name(e.code),
                 message: e.message,
             });
         }
-        other => return Err(ClientError::Unexpected(other.kind_name()).into()),
+        Err(e) => return Err(e.into()),
+    };
+    let (client, auth_ok) = (login.client, login.auth_ok);
+    let server = if login.redirects == 0 {
+        login.address
+    } else {
+        format!(
+            "{} (node {}, redirected from {})",
+            login.address, auth_ok.node_id, args.server
+        )
     };
     let (reader, writer) = client.split();
     let mut chat = Chat {
@@ -212,8 +222,8 @@ pub async fn run(args: ChatArgs) -> Result<(), ChatError> {
             })
     } else {
         eprintln!(
-            "connected to {} as {} (device {device}); inbox max seq {}. /help for commands.",
-            args.server, auth_ok.user_id, auth_ok.max_seq
+            "connected to {server} as {} (device {device}); inbox max seq {}. /help for commands.",
+            auth_ok.user_id, auth_ok.max_seq
         );
         chat.interactive(Duration::from_secs(args.timeout_secs))
             .await

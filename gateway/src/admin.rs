@@ -143,7 +143,7 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError
     }
 }
 
-fn bad_request(message: impl Into<String>) -> ApiError {
+pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
     error(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 

@@ -89,6 +89,10 @@ pub struct Config {
     pub max_group_members: u32,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Cluster mode; `None` (no `[cluster]` section): a single node.
+    /// Last field: TOML renders tables after plain keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -114,6 +118,7 @@ impl Default for Config {
             recall_window_secs: 120,
             max_group_members: 10_000,
             log_format: LogFormat::Text,
+            cluster: None,
         }
     }
 }
@@ -192,6 +197,266 @@ pub struct ServeArgs {
     /// Log format [default: text]. Filter with RUST_LOG (e.g. RUST_LOG=ferry=debug).
     #[arg(long, env = "FERRY_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The `[cluster]` section.
+    #[command(
+        flatten,
+        next_help_heading = "Cluster mode (none of these: a single node)"
+    )]
+    #[serde(default)]
+    pub cluster: ClusterArgs,
+}
+
+/// One node of the cluster as configured: `{ id, client_address,
+/// ops_address }` in TOML, `ID@CLIENT_ADDRESS@OPS_ADDRESS` in a flag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The node's id, 1..=1023.
+    pub id: u16,
+    /// `host:port` clients dial to reach it (sent in `Redirect.address`).
+    pub client_address: String,
+    /// `host:port` of its ops HTTP port.
+    pub ops_address: String,
+}
+
+/// The node list: a TOML array of tables, or for flags and environment one
+/// string `ID@CLIENT_ADDRESS@OPS_ADDRESS,ID@...`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeList(pub Vec<NodeConfig>);
+
+impl std::str::FromStr for NodeList {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<NodeList, String> {
+        let mut nodes = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let parts: Vec<&str> = item.split('@').collect();
+            let [id, client_address, ops_address] = parts[..] else {
+                return Err(format!(
+                    "node `{item}`: expected ID@CLIENT_ADDRESS@OPS_ADDRESS, e.g. \
+                     2@10.0.0.2:7600@10.0.0.2:7601"
+                ));
+            };
+            let id = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("node `{item}`: id `{id}` is not a number 1..=1023"))?;
+            nodes.push(NodeConfig {
+                id,
+                client_address: client_address.trim().to_owned(),
+                ops_address: ops_address.trim().to_owned(),
+            });
+        }
+        Ok(NodeList(nodes))
+    }
+}
+
+/// The `[cluster]` section as one layer gives it (file, or env/flags):
+/// every key optional, so that e.g. one shared file lists the nodes and
+/// `FERRY_CLUSTER_NODE_ID` tells each machine which one it is.
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterArgs {
+    /// This node's id, 1..=1023; setting any cluster key enables cluster mode.
+    #[arg(long = "cluster-node-id", env = "FERRY_CLUSTER_NODE_ID")]
+    pub node_id: Option<u16>,
+    /// Every node of the cluster, the same list on every node: ID@CLIENT_ADDRESS@OPS_ADDRESS,... (e.g. 1@10.0.0.1:7600@10.0.0.1:7601,2@...).
+    #[arg(long = "cluster-nodes", env = "FERRY_CLUSTER_NODES")]
+    pub nodes: Option<NodeList>,
+    /// nsqd TCP address(es) this node publishes to, host:port,... (at least one).
+    #[arg(
+        long = "cluster-nsqd-tcp-addresses",
+        env = "FERRY_CLUSTER_NSQD_TCP_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub nsqd_tcp_addresses: Option<Vec<String>>,
+    /// nsqd TCP address(es) to consume this node's topic from, host:port,... [default: none; with no lookupd either, nsqd_tcp_addresses].
+    #[arg(
+        long = "cluster-consume-nsqd-tcp-addresses",
+        env = "FERRY_CLUSTER_CONSUME_NSQD_TCP_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub consume_nsqd_tcp_addresses: Option<Vec<String>>,
+    /// nsqlookupd HTTP address(es) to discover the nsqd holding this node's topic, host:port,... [default: none].
+    #[arg(
+        long = "cluster-lookupd-http-addresses",
+        env = "FERRY_CLUSTER_LOOKUPD_HTTP_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub lookupd_http_addresses: Option<Vec<String>>,
+}
+
+impl ClusterArgs {
+    fn is_empty(&self) -> bool {
+        self.node_id.is_none()
+            && self.nodes.is_none()
+            && self.nsqd_tcp_addresses.is_none()
+            && self.consume_nsqd_tcp_addresses.is_none()
+            && self.lookupd_http_addresses.is_none()
+    }
+
+    /// `over`'s keys replace ours.
+    fn layer(&mut self, over: &ClusterArgs) {
+        let ClusterArgs {
+            node_id,
+            nodes,
+            nsqd_tcp_addresses,
+            consume_nsqd_tcp_addresses,
+            lookupd_http_addresses,
+        } = over.clone();
+        self.node_id = node_id.or(self.node_id);
+        self.nodes = nodes.or(self.nodes.take());
+        self.nsqd_tcp_addresses = nsqd_tcp_addresses.or(self.nsqd_tcp_addresses.take());
+        self.consume_nsqd_tcp_addresses =
+            consume_nsqd_tcp_addresses.or(self.consume_nsqd_tcp_addresses.take());
+        self.lookupd_http_addresses = lookupd_http_addresses.or(self.lookupd_http_addresses.take());
+    }
+
+    /// The merged section: `None` if no key is set anywhere.
+    fn build(self) -> Result<Option<ClusterConfig>, ConfigError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let missing = |key: &str, flag: &str| {
+            ConfigError::Invalid(format!(
+                "cluster.{key} is required in cluster mode (a [cluster] key or a --cluster-* \
+                 flag is set); give it in [cluster] or with --cluster-{flag}"
+            ))
+        };
+        Ok(Some(ClusterConfig {
+            node_id: self.node_id.ok_or_else(|| missing("node_id", "node-id"))?,
+            nodes: self.nodes.ok_or_else(|| missing("nodes", "nodes"))?.0,
+            nsqd_tcp_addresses: self.nsqd_tcp_addresses.unwrap_or_default(),
+            consume_nsqd_tcp_addresses: self.consume_nsqd_tcp_addresses.unwrap_or_default(),
+            lookupd_http_addresses: self.lookupd_http_addresses.unwrap_or_default(),
+        }))
+    }
+}
+
+/// Cluster mode: this node, its peers, and where the NSQ bus is. Validated
+/// by [`Config::validate`]; [`ClusterConfig::placement`] is the placement
+/// every node computes alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// This node's id, 1..=1023; must be in `nodes`.
+    pub node_id: u16,
+    /// Every node, the same list (in any order) on every node.
+    pub nodes: Vec<NodeConfig>,
+    /// nsqd TCP addresses (`host:port`) this node publishes to.
+    pub nsqd_tcp_addresses: Vec<String>,
+    /// nsqd TCP addresses to consume this node's topic from (may be empty).
+    #[serde(default)]
+    pub consume_nsqd_tcp_addresses: Vec<String>,
+    /// nsqlookupd HTTP addresses (`host:port`) for discovery (may be empty).
+    #[serde(default)]
+    pub lookupd_http_addresses: Vec<String>,
+}
+
+impl ClusterConfig {
+    /// The placement of users and groups over `nodes`, seen from `node_id`.
+    pub fn placement(&self) -> Result<ferry_cluster::Placement, ConfigError> {
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let id = ferry_cluster::NodeId::try_from(n.id)
+                .map_err(|e| ConfigError::Invalid(format!("cluster.nodes: {e}")))?;
+            nodes.push(ferry_cluster::Node {
+                id,
+                client_address: n.client_address.clone(),
+                ops_address: n.ops_address.clone(),
+            });
+        }
+        ferry_cluster::Placement::new(self.node_id, nodes).map_err(|e| {
+            let key = match e {
+                ferry_cluster::ClusterError::SelfNotListed(_) => "cluster.node_id",
+                ferry_cluster::ClusterError::IdOutOfRange(id) if id == self.node_id => {
+                    "cluster.node_id"
+                }
+                _ => "cluster.nodes",
+            };
+            ConfigError::Invalid(format!("{key}: {e}"))
+        })
+    }
+
+    /// The nsqd TCP addresses the consumer connects to directly: the
+    /// configured consume list, or `nsqd_tcp_addresses` when neither a
+    /// consume list nor a lookupd is given.
+    pub fn consume_from_nsqd(&self) -> &[String] {
+        if self.consume_nsqd_tcp_addresses.is_empty() && self.lookupd_http_addresses.is_empty() {
+            &self.nsqd_tcp_addresses
+        } else {
+            &self.consume_nsqd_tcp_addresses
+        }
+    }
+
+    /// Checks ids, the node list and every address.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for n in &self.nodes {
+            for (key, address) in [
+                ("client_address", &n.client_address),
+                ("ops_address", &n.ops_address),
+            ] {
+                if let Err(why) = check_host_port(address) {
+                    return invalid(format!("cluster.nodes: node {} {key} {why}", n.id));
+                }
+            }
+        }
+        self.placement()?;
+        if self.nsqd_tcp_addresses.is_empty() {
+            return invalid(
+                "cluster.nsqd_tcp_addresses: at least one nsqd TCP address (host:port) is \
+                 needed: where this node publishes to its peers"
+                    .into(),
+            );
+        }
+        for (key, list) in [
+            ("nsqd_tcp_addresses", &self.nsqd_tcp_addresses),
+            (
+                "consume_nsqd_tcp_addresses",
+                &self.consume_nsqd_tcp_addresses,
+            ),
+            ("lookupd_http_addresses", &self.lookupd_http_addresses),
+        ] {
+            for address in list {
+                if let Err(why) = check_host_port(address) {
+                    return invalid(format!("cluster.{key}: {why}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `address` is `host:port` (a name, an IPv4 address, or `[IPv6]`,
+/// and a port 1..=65535), or why not.
+fn check_host_port(address: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("`{address}` is not host:port ({why})"));
+    if address.is_empty() {
+        return bad("empty");
+    }
+    if address.contains("://") || address.contains('/') {
+        return bad("no scheme or path, just host:port");
+    }
+    if address
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '@' || c == ',')
+    {
+        return bad("spaces, `@` and `,` are not allowed");
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return bad("an IPv6 address goes in brackets: [::1]:7600");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => bad("the port must be 1..=65535"),
+    }
 }
 
 /// Configuration errors.
@@ -229,6 +494,7 @@ impl ServeArgs {
     /// and validates the result.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
         let mut config = Config::default();
+        let mut cluster = ClusterArgs::default();
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.clone(),
@@ -239,8 +505,11 @@ impl ServeArgs {
                 source: Box::new(source),
             })?;
             file.apply(&mut config);
+            cluster.layer(&file.cluster);
         }
         self.apply(&mut config);
+        cluster.layer(&self.cluster);
+        config.cluster = cluster.build()?;
         config.validate()?;
         Ok(config)
     }
@@ -300,10 +569,26 @@ impl Config {
         }
     }
 
-    /// The router settings.
-    pub fn router_config(&self) -> ferry_router::RouterConfig {
-        ferry_router::RouterConfig {
-            node_id: "ferry-1".into(),
+    /// The placement of users and groups: from `[cluster]`, or
+    /// [`ferry_cluster::Placement::single`] without one.
+    pub fn placement(&self) -> Result<ferry_cluster::Placement, ConfigError> {
+        match &self.cluster {
+            None => Ok(ferry_cluster::Placement::single()),
+            Some(cluster) => cluster.placement(),
+        }
+    }
+
+    /// The router settings (fails only on an invalid `[cluster]`).
+    pub fn router_config(&self) -> Result<ferry_router::RouterConfig, ConfigError> {
+        let placement = self.placement()?;
+        Ok(ferry_router::RouterConfig {
+            // A single node keeps the id it always reported.
+            node_id: if placement.is_cluster() {
+                placement.self_id().to_string()
+            } else {
+                "ferry-1".into()
+            },
+            placement: std::sync::Arc::new(placement),
             max_frame_bytes: self.max_frame_bytes as usize,
             recall_window_ms: self.recall_window_secs as u64 * 1000,
             commit: ferry_storage::CommitOptions {
@@ -314,7 +599,7 @@ impl Config {
                 max_group_members: self.max_group_members as usize,
                 ..Default::default()
             },
-        }
+        })
     }
 
     /// Checks ranges that would make the server misbehave.
@@ -368,6 +653,9 @@ impl Config {
         }
         if let Some(token) = &self.admin_token {
             check(token.len() >= 16, "admin_token must be at least 16 bytes")?;
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }
@@ -467,6 +755,218 @@ mod tests {
             ..Default::default()
         };
         assert!(args.resolve().is_ok());
+    }
+
+    const THREE_NODES: &str = r#"
+[cluster]
+node_id = 1
+nsqd_tcp_addresses = ["127.0.0.1:4150"]
+
+[[cluster.nodes]]
+id = 3
+client_address = "10.0.0.3:7600"
+ops_address = "10.0.0.3:7601"
+
+[[cluster.nodes]]
+id = 1
+client_address = "10.0.0.1:7600"
+ops_address = "10.0.0.1:7601"
+
+[[cluster.nodes]]
+id = 2
+client_address = "chat.example.com:7600"
+ops_address = "[fd00::2]:7601"
+"#;
+
+    fn resolve_file(text: &str, args: ServeArgs) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, text).unwrap();
+        ServeArgs {
+            config: Some(path),
+            ..args
+        }
+        .resolve()
+    }
+
+    fn invalid_message(result: Result<Config, ConfigError>) -> String {
+        match result {
+            Err(e @ ConfigError::Invalid(_)) => e.to_string(),
+            other => panic!("expected an invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_cluster_section_is_a_single_node() {
+        let c = ServeArgs::default().resolve().unwrap();
+        assert!(c.cluster.is_none());
+        let router = c.router_config().unwrap();
+        assert_eq!(router.node_id, "ferry-1");
+        assert!(!router.placement.is_cluster());
+        assert!(!c.to_toml().contains("cluster"));
+    }
+
+    #[test]
+    fn cluster_section_from_the_file_with_the_node_id_from_env_or_flags() {
+        let c = resolve_file(THREE_NODES, ServeArgs::default()).unwrap();
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!(cluster.node_id, 1);
+        assert_eq!(cluster.nodes.len(), 3);
+        assert_eq!(cluster.consume_from_nsqd(), ["127.0.0.1:4150"]);
+        let router = c.router_config().unwrap();
+        assert_eq!(router.node_id, "1");
+        assert!(router.placement.is_cluster());
+        // One shared file, each machine says which node it is.
+        let args = ServeArgs {
+            cluster: ClusterArgs {
+                node_id: Some(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = resolve_file(THREE_NODES, args).unwrap();
+        let placement = c.placement().unwrap();
+        assert_eq!(placement.self_id().get(), 2);
+        assert_eq!(c.router_config().unwrap().node_id, "2");
+        let two = placement.node(placement.self_id()).unwrap();
+        assert_eq!(two.client_address, "chat.example.com:7600");
+        // The same list in another order is the same cluster.
+        let flag_list: NodeList = "2@chat.example.com:7600@[fd00::2]:7601, \
+                                   1@10.0.0.1:7600@10.0.0.1:7601,3@10.0.0.3:7600@10.0.0.3:7601"
+            .parse()
+            .unwrap();
+        let args = ServeArgs {
+            cluster: ClusterArgs {
+                node_id: Some(3),
+                nodes: Some(flag_list),
+                nsqd_tcp_addresses: Some(vec!["nsqd:4150".into()]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let from_flags = args.resolve().unwrap().placement().unwrap();
+        assert_eq!(from_flags.digest(), placement.digest());
+    }
+
+    #[test]
+    fn consume_lists_fall_back_to_the_publish_list_only_when_both_are_empty() {
+        let mut cluster = resolve_file(THREE_NODES, ServeArgs::default())
+            .unwrap()
+            .cluster
+            .unwrap();
+        cluster.lookupd_http_addresses = vec!["127.0.0.1:4161".into()];
+        assert!(cluster.consume_from_nsqd().is_empty());
+        cluster.consume_nsqd_tcp_addresses = vec!["127.0.0.1:4152".into()];
+        assert_eq!(cluster.consume_from_nsqd(), ["127.0.0.1:4152"]);
+    }
+
+    #[test]
+    fn printed_cluster_config_parses_back() {
+        let c = resolve_file(THREE_NODES, ServeArgs::default()).unwrap();
+        let text = c.to_toml();
+        assert!(
+            text.contains("[cluster]") && text.contains("[[cluster.nodes]]"),
+            "{text}"
+        );
+        let back = resolve_file(&text, ServeArgs::default()).unwrap();
+        assert_eq!(back.cluster, c.cluster);
+    }
+
+    #[test]
+    fn bad_cluster_configs_are_refused_with_their_reason() {
+        let with = |node_id: u16, extra: &str| {
+            let text = THREE_NODES.replace("node_id = 1", &format!("node_id = {node_id}{extra}"));
+            invalid_message(resolve_file(&text, ServeArgs::default()))
+        };
+        let m = with(4, "");
+        assert!(
+            m.contains("cluster.node_id") && m.contains("4 is not in"),
+            "{m}"
+        );
+        let m = with(0, "");
+        assert!(
+            m.contains("cluster.node_id") && m.contains("out of range"),
+            "{m}"
+        );
+        let m = invalid_message(resolve_file(
+            &THREE_NODES.replace("id = 3", "id = 2"),
+            ServeArgs::default(),
+        ));
+        assert!(m.contains("node id 2 is listed twice"), "{m}");
+        let m = invalid_message(resolve_file(
+            &THREE_NODES.replace("id = 3", "id = 1024"),
+            ServeArgs::default(),
+        ));
+        assert!(m.contains("1024 is out of range"), "{m}");
+        let m = invalid_message(resolve_file(
+            &THREE_NODES.replace("10.0.0.3:7600", "10.0.0.3"),
+            ServeArgs::default(),
+        ));
+        assert!(
+            m.contains("node 3 client_address `10.0.0.3` is not host:port"),
+            "{m}"
+        );
+        let m = invalid_message(resolve_file(
+            &THREE_NODES.replace("10.0.0.1:7601", "http://10.0.0.1:7601"),
+            ServeArgs::default(),
+        ));
+        assert!(m.contains("node 1 ops_address"), "{m}");
+        let m = invalid_message(resolve_file(
+            &THREE_NODES.replace("[\"127.0.0.1:4150\"]", "[]"),
+            ServeArgs::default(),
+        ));
+        assert!(
+            m.contains("cluster.nsqd_tcp_addresses: at least one"),
+            "{m}"
+        );
+        let m = invalid_message(resolve_file(
+            &THREE_NODES.replace("127.0.0.1:4150", "127.0.0.1:0"),
+            ServeArgs::default(),
+        ));
+        assert!(
+            m.contains("cluster.nsqd_tcp_addresses") && m.contains("port"),
+            "{m}"
+        );
+        // A cluster key alone is not a cluster.
+        let args = ServeArgs {
+            cluster: ClusterArgs {
+                node_id: Some(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let m = invalid_message(args.resolve());
+        assert!(m.contains("cluster.nodes is required"), "{m}");
+        // Unknown keys in the section are parse errors, like at the top level.
+        let text = THREE_NODES.replace("node_id = 1", "node_id = 1\nnode = 2");
+        assert!(matches!(
+            resolve_file(&text, ServeArgs::default()),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn node_lists_in_flag_form() {
+        let list: NodeList = "1@a:1@b:2,2@[::1]:7600@[::1]:7601".parse().unwrap();
+        assert_eq!(list.0.len(), 2);
+        assert_eq!(list.0[1].client_address, "[::1]:7600");
+        for bad in ["1@a:1", "x@a:1@b:2", "1@a:1@b:2@c:3"] {
+            assert!(bad.parse::<NodeList>().is_err(), "{bad}");
+        }
+        assert!(check_host_port("host.example:7600").is_ok());
+        assert!(check_host_port("[::1]:7600").is_ok());
+        for bad in [
+            "",
+            ":7600",
+            "host",
+            "::1:7600",
+            "h:0",
+            "h:65536",
+            "h :1",
+            "tcp://h:1",
+        ] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -23,6 +23,10 @@
 //! A write that makes no progress at all for `write_timeout_secs` drops the
 //! connection; a slow but moving one is never cut.
 //!
+//! In cluster mode, a verified `Auth` whose user is homed on another node is
+//! answered with `Redirect` (that node's id and client address) and closed
+//! the same way as a refused one.
+//!
 //! Every server-initiated close sends its reason first, half-closes, and then
 //! reads and discards whatever the client still sends for a moment
 //! ("lingering close"): closing a socket with unread input makes the kernel
@@ -90,6 +94,25 @@ pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: 
             return;
         }
     };
+
+    // Cluster mode: a user's connections live on its home node. Only a
+    // verified user is redirected, so placement never leaks to a bad token.
+    let placement = shared.router.placement();
+    if !placement.is_local_user(&auth.user) {
+        let home = placement.home_of_user(&auth.user);
+        let address = placement
+            .node(home)
+            .map(|n| n.client_address.clone())
+            .unwrap_or_default();
+        m::redirected(home);
+        debug!(?peer, user = %auth.user, node = %home, %address, "redirected to the home node");
+        let frame = Frame::from(proto::Redirect {
+            node_id: home.to_string(),
+            address,
+        });
+        let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
+        return;
+    }
 
     // The id is taken after the token is verified, so ids order
     // connections by when they authenticated: the registry keeps the newest.

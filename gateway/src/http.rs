@@ -1,13 +1,19 @@
 //! The ops HTTP endpoint: `/healthz` (the process is up), `/readyz`
 //! (storage open and writable, and the node accepting clients), `/metrics` (Prometheus
-//! text format) and the admin API under `/admin` (see [`crate::admin`]).
+//! text format), `/v1/route` (which node a user or group lives on) and the
+//! admin API under `/admin` (see [`crate::admin`]).
+//!
+//! `/v1/route` needs no token, like `/healthz`: an app backend calls it to
+//! dial a user's home node first, and it reveals only placement, which any
+//! client learns from a `Redirect` anyway.
 //!
 //! One listener for all of it, loopback by default: the admin API must not
 //! be reachable from the client network.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -34,6 +40,7 @@ pub(crate) async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/route", get(route))
         .with_state(shared)
         .nest("/admin", admin);
     if let Err(e) = axum::serve(listener, app)
@@ -69,4 +76,80 @@ async fn metrics(State(shared): State<Arc<ServerState>>) -> Response {
             .into_response(),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n").into_response(),
     }
+}
+
+/// `GET /v1/route?uid=U` or `?gid=G`.
+#[derive(serde::Deserialize)]
+struct RouteQuery {
+    uid: Option<String>,
+    gid: Option<String>,
+}
+
+/// The answer: the id asked about, under its own key, and where it lives.
+#[derive(serde::Serialize)]
+struct Route {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gid: Option<String>,
+    node_id: String,
+    address: String,
+    ops_address: String,
+}
+
+/// Which node is the home of a user (`uid`) or the owner of a group (`gid`):
+/// the same answer on every node. Outside a cluster, this node (its bound
+/// client and ops addresses).
+async fn route(
+    State(shared): State<Arc<ServerState>>,
+    query: Result<Query<RouteQuery>, QueryRejection>,
+) -> Result<axum::Json<Route>, admin::ApiError> {
+    let Query(query) = query?;
+    let (uid, gid, id) = match (query.uid, query.gid) {
+        (Some(uid), None) => {
+            ferry_protocol::limits::check_id("uid", &uid)
+                .map_err(|e| admin::bad_request(e.to_string()))?;
+            let id = uid.clone();
+            (Some(uid), None, id)
+        }
+        (None, Some(gid)) => {
+            ferry_protocol::limits::check_id("gid", &gid)
+                .map_err(|e| admin::bad_request(e.to_string()))?;
+            let id = gid.clone();
+            (None, Some(gid), id)
+        }
+        _ => return Err(admin::bad_request("give exactly one of uid and gid")),
+    };
+    let placement = shared.router.placement();
+    let (node_id, address, ops_address) = if placement.is_cluster() {
+        let owner = if uid.is_some() {
+            placement.home_of_user(&id)
+        } else {
+            placement.owner_of_group(&id)
+        };
+        let node = placement.node(owner);
+        (
+            owner.to_string(),
+            node.map(|n| n.client_address.clone()).unwrap_or_default(),
+            node.map(|n| n.ops_address.clone()).unwrap_or_default(),
+        )
+    } else {
+        let (client, ops) = shared
+            .bound
+            .get()
+            .copied()
+            .unwrap_or((shared.config.listen, shared.config.http_listen));
+        (
+            shared.router.node_id().to_owned(),
+            client.to_string(),
+            ops.to_string(),
+        )
+    };
+    Ok(axum::Json(Route {
+        uid,
+        gid,
+        node_id,
+        address,
+        ops_address,
+    }))
 }

@@ -45,6 +45,9 @@ pub enum StartError {
     /// A background thread could not start.
     #[error("starting the retention sweeper: {0}")]
     Sweeper(std::io::Error),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     /// The router could not start.
     #[error("starting the router: {0}")]
     Router(#[from] ferry_router::RouterError),
@@ -53,6 +56,7 @@ pub enum StartError {
 /// Opens storage for `config`, starts its retention sweeper and its group
 /// committer, and returns the router over it. Call inside a tokio runtime.
 pub fn open_router(config: &config::Config) -> Result<Arc<ferry_router::Router>, StartError> {
+    let router_config = config.router_config()?;
     // Before anything records: handles resolved earlier would stay no-ops.
     metrics::install();
     let path = config.db_path();
@@ -60,6 +64,6 @@ pub fn open_router(config: &config::Config) -> Result<Arc<ferry_router::Router>,
         .map_err(|source| StartError::Storage { path, source })?;
     ferry_storage::retention::spawn_sweeper(storage.clone(), std::time::Duration::from_secs(3600))
         .map_err(StartError::Sweeper)?;
-    let router = ferry_router::Router::new(config.router_config(), storage)?;
+    let router = ferry_router::Router::new(router_config, storage)?;
     Ok(Arc::new(router))
 }

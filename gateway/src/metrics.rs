@@ -155,6 +155,10 @@ fn describe_all() {
         "Bytes written to authenticated clients"
     );
     describe_counter!(
+        "ferry_redirects_total",
+        "Cluster mode: Auths answered with Redirect, by the user's home node"
+    );
+    describe_counter!(
         "ferry_admin_requests_total",
         "Admin API requests, by HTTP status"
     );
@@ -389,6 +393,23 @@ pub fn pending_auth(delta: f64) {
 /// A connection authenticated.
 pub fn authenticated() {
     HANDLES.authenticated.increment(1);
+}
+
+/// Registers `ferry_redirects_total{node}` at 0 for every other node of
+/// the cluster, so the series exist from the first scrape (none outside a
+/// cluster).
+pub fn init_redirects(placement: &ferry_cluster::Placement) {
+    for node in placement.nodes() {
+        if node.id != placement.self_id() {
+            counter!("ferry_redirects_total", "node" => node.id.to_string()).increment(0);
+        }
+    }
+}
+
+/// A verified Auth was redirected to the user's home node `node` (once per
+/// redirected connection, not per frame: the label lookup is affordable).
+pub fn redirected(node: ferry_cluster::NodeId) {
+    counter!("ferry_redirects_total", "node" => node.to_string()).increment(1);
 }
 
 /// The metric label of an error code: its protocol name in lower case

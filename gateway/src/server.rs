@@ -178,6 +178,9 @@ pub(crate) struct ServerState {
     pub pending_auth: Arc<Semaphore>,
     /// When users' connections last ended (admin presence).
     pub last_seen: LastSeen,
+    /// The bound client and ops addresses, once [`Server::run`] has them
+    /// (a single node's `/v1/route` answers with them).
+    pub bound: std::sync::OnceLock<(SocketAddr, SocketAddr)>,
 }
 
 /// A connection's place among those waiting for auth: released (and the
@@ -219,6 +222,7 @@ impl Server {
     /// with no token at all it refuses every call.
     pub fn new(config: Config, router: Arc<Router>, tokens: TokenVerifier) -> Server {
         m::init();
+        m::init_redirects(router.placement());
         let heartbeat = Heartbeat::new(config.heartbeat_secs);
         let admin_token = config
             .admin_token
@@ -237,6 +241,7 @@ impl Server {
                 permits,
                 pending_auth,
                 last_seen: LastSeen::default(),
+                bound: std::sync::OnceLock::new(),
             }),
             tracker: TaskTracker::new(),
             admin_token,
@@ -270,6 +275,9 @@ impl Server {
         // Refusals get their own small budget so a flood cannot pile up tasks.
         let refusals = Arc::new(Semaphore::new(256));
 
+        if let (Ok(client), Ok(ops)) = (listener.local_addr(), http.local_addr()) {
+            let _ = shared.bound.set((client, ops));
+        }
         let heartbeat_task = tokio::spawn(heartbeat_loop(shared.clone()));
         if let Ok(addr) = http.local_addr()
             && !addr.ip().is_loopback()

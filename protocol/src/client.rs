@@ -3,7 +3,10 @@
 //! `ferry chat`; an app would write the equivalent from `docs/PROTOCOL.md`.
 //!
 //! The client is deliberately thin: it does not retry, resync or ack on its
-//! own. Callers see every frame the server sends.
+//! own. Callers see every frame the server sends. The one exception is the
+//! handshake of [`Client::connect_and_authenticate`], which follows a
+//! cluster's `Redirect`s (at most [`MAX_REDIRECTS`] in a row), as
+//! `docs/PROTOCOL.md` section 4.7 says a client does.
 
 use futures::{SinkExt, StreamExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -31,6 +34,30 @@ pub enum ClientError {
     /// The server sent something other than what the call expected.
     #[error("unexpected {0} frame")]
     Unexpected(&'static str),
+    /// The server answered `Auth` with `Redirect` (cluster mode: the user
+    /// lives on another node) and closed the connection.
+    #[error("redirected to node {} at {}", .0.node_id, .0.address)]
+    Redirected(proto::Redirect),
+    /// More than [`MAX_REDIRECTS`] redirects in a row: the cluster's
+    /// configuration is inconsistent. Carries the last one.
+    #[error("more than {MAX_REDIRECTS} redirects in a row (last: node {} at {})", .0.node_id, .0.address)]
+    TooManyRedirects(proto::Redirect),
+}
+
+/// Most `Redirect`s followed in a row before giving up (docs/PROTOCOL.md
+/// section 4.7); a client then falls back to its reconnect backoff.
+pub const MAX_REDIRECTS: u32 = 3;
+
+/// An authenticated connection, from [`Client::connect_and_authenticate`].
+pub struct Login {
+    /// The connection; the login sync's frames are still to be read.
+    pub client: Client,
+    /// The server's answer.
+    pub auth_ok: proto::AuthOk,
+    /// The address finally connected to (the user's home node in a cluster).
+    pub address: String,
+    /// Redirects followed to get there (0 when the first node was home).
+    pub redirects: u32,
 }
 
 impl ClientError {
@@ -130,22 +157,20 @@ impl Client {
     }
 
     /// Sends `Auth` and waits for `AuthOk`. An `Error` answer becomes
-    /// [`ClientError::Rejected`]. SyncBatch frames that follow the AuthOk are
-    /// left for the caller to read.
+    /// [`ClientError::Rejected`], a `Redirect` [`ClientError::Redirected`].
+    /// SyncBatch frames that follow the AuthOk are left for the caller to read.
     pub async fn authenticate(
         &mut self,
         token: &str,
         device_id: &str,
         last_seq: u64,
     ) -> Result<proto::AuthOk, ClientError> {
-        self.send(proto::Auth {
-            token: token.to_owned(),
-            device_id: device_id.to_owned(),
-            protocol_version: crate::PROTOCOL_VERSION as i32,
-            last_seq,
-            skip_sync: false,
-        })
-        .await?;
+        self.send_auth(auth_frame(token, device_id, last_seq)).await
+    }
+
+    /// Sends this `Auth` and waits for the answer, like [`Client::authenticate`].
+    pub async fn send_auth(&mut self, auth: proto::Auth) -> Result<proto::AuthOk, ClientError> {
+        self.send(auth).await?;
         match self.recv().await? {
             Some(Frame {
                 body: Some(Body::AuthOk(ok)),
@@ -153,8 +178,50 @@ impl Client {
             Some(Frame {
                 body: Some(Body::Error(e)),
             }) => Err(ClientError::Rejected(e)),
+            Some(Frame {
+                body: Some(Body::Redirect(r)),
+            }) => Err(ClientError::Redirected(r)),
             Some(other) => Err(ClientError::Unexpected(other.kind_name())),
             None => Err(ClientError::Closed),
+        }
+    }
+
+    /// Connects to `addr` (`host:port`) and authenticates, following
+    /// `Redirect`s: each one closes the connection, and the same `Auth` goes
+    /// to the redirect's address, at most [`MAX_REDIRECTS`] times in a row
+    /// (then [`ClientError::TooManyRedirects`]).
+    pub async fn connect_and_authenticate(
+        addr: &str,
+        token: &str,
+        device_id: &str,
+        last_seq: u64,
+    ) -> Result<Login, ClientError> {
+        Client::connect_with_auth(addr, auth_frame(token, device_id, last_seq)).await
+    }
+
+    /// [`Client::connect_and_authenticate`] with a whole `Auth` (e.g. with
+    /// `skip_sync`).
+    pub async fn connect_with_auth(addr: &str, auth: proto::Auth) -> Result<Login, ClientError> {
+        let mut address = addr.to_owned();
+        let mut redirects = 0;
+        loop {
+            let mut client = Client::connect(address.as_str()).await?;
+            match client.send_auth(auth.clone()).await {
+                Ok(auth_ok) => {
+                    return Ok(Login {
+                        client,
+                        auth_ok,
+                        address,
+                        redirects,
+                    });
+                }
+                Err(ClientError::Redirected(r)) if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    address = r.address;
+                }
+                Err(ClientError::Redirected(r)) => return Err(ClientError::TooManyRedirects(r)),
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -200,5 +267,16 @@ impl Client {
     /// Splits into independently usable halves.
     pub fn split(self) -> (FrameReader, FrameWriter) {
         (self.reader, self.writer)
+    }
+}
+
+/// An `Auth` of this protocol version, with the login sync.
+fn auth_frame(token: &str, device_id: &str, last_seq: u64) -> proto::Auth {
+    proto::Auth {
+        token: token.to_owned(),
+        device_id: device_id.to_owned(),
+        protocol_version: crate::PROTOCOL_VERSION as i32,
+        last_seq,
+        skip_sync: false,
     }
 }

@@ -38,6 +38,8 @@ use session::{Conn, RequestSlot, Sessions};
 
 pub use delivery::Reply;
 
+pub use ferry_cluster::{NodeId, Placement};
+
 /// Milliseconds since the Unix epoch (storage's clock, the one every crate uses).
 pub use ferry_storage::now_ms;
 
@@ -55,8 +57,12 @@ pub enum RouterError {
 /// Router settings.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
-    /// This node's id (AuthOk.node_id).
+    /// This node's id (AuthOk.node_id): `"ferry-1"` for a single node, the
+    /// decimal cluster id (e.g. `"2"`) in cluster mode.
     pub node_id: String,
+    /// Which node owns each user and group ([`Placement::single`] outside a
+    /// cluster: everything local).
+    pub placement: Arc<Placement>,
     /// Largest frame; bounds message size and page sizes.
     pub max_frame_bytes: usize,
     /// How long a sender may recall a message.
@@ -69,6 +75,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             node_id: "ferry-1".into(),
+            placement: Arc::new(Placement::single()),
             max_frame_bytes: ferry_protocol::DEFAULT_MAX_FRAME_BYTES,
             recall_window_ms: 120_000,
             commit: CommitOptions::default(),
@@ -287,6 +294,11 @@ impl Router {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.config.node_id
+    }
+
+    /// Which node owns each user and group.
+    pub fn placement(&self) -> &Arc<Placement> {
+        &self.config.placement
     }
 
     /// The online-session registry.

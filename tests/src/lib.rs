@@ -258,10 +258,21 @@ impl ServerProcess {
     /// Starts `ferry serve` on `data_dir` with extra flags; waits for its
     /// "listening" line.
     pub async fn start(data_dir: &std::path::Path, extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_on(data_dir, "127.0.0.1:0", "127.0.0.1:0", extra).await
+    }
+
+    /// [`ServerProcess::start`] on the given client and ops listen
+    /// addresses (a cluster's nodes must know each other's ports up front).
+    pub async fn start_on(
+        data_dir: &std::path::Path,
+        listen: &str,
+        http_listen: &str,
+        extra: &[&str],
+    ) -> ServerProcess {
         let mut child = tokio::process::Command::new(ferry_binary())
             .arg("serve")
-            .arg("--listen=127.0.0.1:0")
-            .arg("--http-listen=127.0.0.1:0")
+            .arg(format!("--listen={listen}"))
+            .arg(format!("--http-listen={http_listen}"))
             .arg(format!("--data-dir={}", data_dir.display()))
             .arg(format!("--jwt-secret={TEST_SECRET}"))
             .arg(format!("--admin-token={TEST_ADMIN_TOKEN}"))

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use ferry_gateway::auth::TokenVerifier;
-use ferry_protocol::client::{Client, FrameReader, FrameWriter};
+use ferry_protocol::client::{FrameReader, FrameWriter};
 use ferry_protocol::proto::{self, EntryKind, ErrorCode, Frame, frame::Body};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::clients::{login, tcp_connect, user_id, wait_until};
+use crate::clients::{connect_login, user_id, wait_until};
 use crate::payload::{Payload, now_ns};
 use crate::report::{Outcome, Table, count, mib, usage_rows};
 use crate::server_metrics::{self, ServerFigures, Snapshot};
@@ -235,14 +235,20 @@ impl Device {
 
     async fn connect(&mut self) -> anyhow::Result<(FrameReader, FrameWriter, proto::AuthOk)> {
         let addr = *self.shared.addr.borrow();
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tcp_connect(addr, self.shared.source_ips, self.index),
+        // Connecting (5 s) and the login (30 s), redirects included.
+        tokio::time::timeout(
+            Duration::from_secs(35),
+            connect_login(
+                addr,
+                self.shared.source_ips,
+                self.index,
+                &self.token,
+                self.report.last_seq,
+                false,
+            ),
         )
         .await
-        .context("connect timeout")??;
-        let client = Client::from_stream(stream, crate::clients::client_codec());
-        login(client, &self.token, self.report.last_seq, false).await
+        .context("connect and login timeout")?
     }
 
     async fn run(mut self) -> DeviceReport {
@@ -847,7 +853,11 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         "gap syncs / redelivered entries",
         format!("{} / {}", sum(|r| r.gap_syncs), sum(|r| r.redelivered)),
     )
-    .row("connect failures (retried)", sum(|r| r.connect_failures));
+    .row("connect failures (retried)", sum(|r| r.connect_failures))
+    .row(
+        "redirects followed (cluster)",
+        crate::clients::redirects_followed(),
+    );
     if let Some((at, secs)) = kill {
         t.row(
             "server kill -9",
@@ -896,6 +906,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         "skipped_queue_full": skipped.load(Ordering::Relaxed),
         "disconnect_rounds": rounds,
         "logins": logins,
+        "redirects": crate::clients::redirects_followed(),
         "lost_sessions": lost_sessions,
         "first_unplanned_disconnect": first_loss,
         "resends": sum(|r| r.resends),

@@ -69,6 +69,8 @@ struct Connected {
     ok: u32,
     failed: u32,
     retries: u32,
+    /// Redirects followed to the users' home nodes (cluster mode).
+    redirects: u64,
     first_error: Option<String>,
     setup_hist: String,
 }
@@ -150,6 +152,7 @@ pub async fn worker(job: Job, io: &mut Io) -> anyhow::Result<()> {
         ok: opened.conns.len() as u32,
         failed: opened.failed,
         retries: opened.retries,
+        redirects: crate::clients::redirects_followed(),
         first_error: opened.first_error.clone(),
         setup_hist: opened.setup_hist.to_hex(),
     })
@@ -246,6 +249,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     let ok: u32 = connected.iter().map(|c| c.ok).sum();
     let failed: u32 = connected.iter().map(|c| c.failed).sum();
     let retries: u32 = connected.iter().map(|c| c.retries).sum();
+    let redirects: u64 = connected.iter().map(|c| c.redirects).sum();
     let mut setup = Hist::new();
     for c in &connected {
         setup.merge(&Hist::from_hex(&c.setup_hist)?);
@@ -280,6 +284,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     )
     .row("connect failures", failed)
     .row("connect retries", retries)
+    .row("redirects followed (cluster)", redirects)
     .row("processes", workers)
     .row(
         "login",
@@ -353,6 +358,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         "connected": ok,
         "connect_failures": failed,
         "connect_retries": retries,
+        "redirects": redirects,
         "connect_secs": connect_secs,
         "connect_rate_per_sec": rate,
         "connect_latency": setup.summary(),
