@@ -507,3 +507,36 @@ async fn bad_cluster_configs_are_refused_at_start() {
     let stderr = refused(&[&format!("--config={}", file.display())]).await;
     assert!(stderr.contains("this node's id 2 is not in"), "{stderr}");
 }
+
+/// `ferry-bench conns` pointed at one node of the cluster opens every
+/// connection, following the redirects, and counts them.
+#[tokio::test]
+async fn the_bench_harness_follows_redirects_into_a_cluster() {
+    let cluster = Cluster::start().await;
+    let entry = &cluster.nodes[&1];
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("conns.json");
+    let out = within(
+        tokio::process::Command::new(ferry_binary().with_file_name("ferry-bench"))
+            .arg("conns")
+            .arg(format!("--server={}", entry.addr))
+            .arg(format!("--http={}", entry.http))
+            .arg(format!("--jwt-secret={TEST_SECRET}"))
+            .args(["--n=300", "--hold=1", "--ramp=2000"])
+            .arg(format!("--json={}", json.display()))
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let conns = &report["results"][0];
+    assert_eq!(conns["connected"], 300, "{conns}");
+    assert_eq!(conns["connect_failures"], 0, "{conns}");
+    let redirected = scrape_redirects(entry.http, 2).await + scrape_redirects(entry.http, 3).await;
+    assert!(redirected > 0);
+    assert_eq!(conns["redirects"], redirected, "{conns}");
+}
