@@ -15,17 +15,28 @@ use ferry_e2e::*;
 use ferry_protocol::ErrorCode;
 use ferry_protocol::client::{Client, ClientError, MAX_REDIRECTS};
 
-/// Ports free right now, distinct (held together while picked). The nodes
-/// must know each other's addresses before any of them starts, so port 0
-/// cannot be used; another process could take one in between, which on a
-/// test machine's ephemeral range is very unlikely.
+/// Ports free right now, never handed out before in this process. The
+/// nodes must know each other's addresses before any of them starts, so
+/// port 0 cannot be used. The tests of this file run in parallel: without
+/// the registry, one test could be given a port another test just picked
+/// and released. Another process could still take one before our node
+/// binds it, which within that short window is very unlikely.
 fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        // Keep every listener until the end, so the OS never repeats a port.
+        held.push(listener);
+        if !given.contains(&port) {
+            given.push(port);
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// `[cluster]` of a cluster whose node `id` listens on `ports[id]`
