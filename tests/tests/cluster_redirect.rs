@@ -15,17 +15,28 @@ use ferry_e2e::*;
 use ferry_protocol::ErrorCode;
 use ferry_protocol::client::{Client, ClientError, MAX_REDIRECTS};
 
-/// Ports free right now, distinct (held together while picked). The nodes
-/// must know each other's addresses before any of them starts, so port 0
-/// cannot be used; another process could take one in between, which on a
-/// test machine's ephemeral range is very unlikely.
+/// Ports free right now, never handed out before in this process. The
+/// nodes must know each other's addresses before any of them starts, so
+/// port 0 cannot be used. The tests of this file run in parallel: without
+/// the registry, one test could be given a port another test just picked
+/// and released. Another process could still take one before our node
+/// binds it, which within that short window is very unlikely.
 fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        // Keep every listener until the end, so the OS never repeats a port.
+        held.push(listener);
+        if !given.contains(&port) {
+            given.push(port);
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// `[cluster]` of a cluster whose node `id` listens on `ports[id]`
@@ -506,4 +517,37 @@ async fn bad_cluster_configs_are_refused_at_start() {
     .unwrap();
     let stderr = refused(&[&format!("--config={}", file.display())]).await;
     assert!(stderr.contains("this node's id 2 is not in"), "{stderr}");
+}
+
+/// `ferry-bench conns` pointed at one node of the cluster opens every
+/// connection, following the redirects, and counts them.
+#[tokio::test]
+async fn the_bench_harness_follows_redirects_into_a_cluster() {
+    let cluster = Cluster::start().await;
+    let entry = &cluster.nodes[&1];
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("conns.json");
+    let out = within(
+        tokio::process::Command::new(ferry_binary().with_file_name("ferry-bench"))
+            .arg("conns")
+            .arg(format!("--server={}", entry.addr))
+            .arg(format!("--http={}", entry.http))
+            .arg(format!("--jwt-secret={TEST_SECRET}"))
+            .args(["--n=300", "--hold=1", "--ramp=2000"])
+            .arg(format!("--json={}", json.display()))
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let conns = &report["results"][0];
+    assert_eq!(conns["connected"], 300, "{conns}");
+    assert_eq!(conns["connect_failures"], 0, "{conns}");
+    let redirected = scrape_redirects(entry.http, 2).await + scrape_redirects(entry.http, 3).await;
+    assert!(redirected > 0);
+    assert_eq!(conns["redirects"], redirected, "{conns}");
 }
