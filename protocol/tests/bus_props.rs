@@ -8,6 +8,7 @@ use prost::Message;
 fn batch(seq: u64, users: Vec<String>) -> Body {
     Body::LinkBatch(bus::LinkBatch {
         seq,
+        epoch: 7,
         messages: vec![bus::MessageRow {
             conversation: Bytes::from_static(b"\x01conv"),
             msg_id: 42,
@@ -48,7 +49,10 @@ fn other_versions_node_ids_and_empty_bodies_are_refused() {
         version: 2,
         from_node: 1,
         to_node: 2,
-        body: Some(Body::LinkConfirm(bus::LinkConfirm { applied_through: 1 })),
+        body: Some(Body::LinkConfirm(bus::LinkConfirm {
+            applied_through: 1,
+            epoch: 7,
+        })),
     };
     assert_eq!(
         bus::decode_envelope(&envelope.encode_to_vec()),

@@ -25,7 +25,7 @@ fn commit_path(c: &mut Criterion) {
             durability,
             ..Default::default()
         };
-        let committer = Committer::start(storage, options, move |batch: Vec<(u64, _)>| {
+        let committer = Committer::start(storage, options, move |batch: Vec<(u64, _)>, _links| {
             let _ = tx.send(batch.len());
         })
         .unwrap();

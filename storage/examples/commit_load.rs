@@ -54,7 +54,7 @@ fn main() {
         durability,
         ..Default::default()
     };
-    let committer = Committer::start(storage, options, move |batch: Vec<(u64, _)>| {
+    let committer = Committer::start(storage, options, move |batch: Vec<(u64, _)>, _links| {
         let _ = tx.send(batch.len());
     })
     .expect("committer");

@@ -61,11 +61,16 @@ use prost::Message;
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Storage, cf, message_entry};
+use crate::db::{Storage, cf, message_entry, storable_conv};
+use crate::link::{Homes, LinkOut, NodeId};
+
+mod link;
+
 use crate::groups::{Group, Refusal, refuse};
 use crate::keys::{self, ConvKey};
 use crate::model::{DedupValue, GroupMeta, InboxValue, MSG_ID_TIME_SHIFT, StoredMessage};
 use crate::{StorageError, now_ms};
+pub use link::MAX_LINK_BATCH_BYTES;
 
 /// When a write counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +104,10 @@ pub struct CommitOptions {
     /// Most users whose next seq the committer keeps in memory; others are
     /// read from their inbox's last key when next needed.
     pub seq_cache_entries: usize,
+    /// Cluster mode: where users and groups live. An entry for a user homed
+    /// on another node goes into a link batch for that node (see `link`).
+    /// `None` on a single node: everything is local and nothing is asked.
+    pub homes: Option<Arc<dyn Homes>>,
 }
 
 impl Default for CommitOptions {
@@ -110,6 +119,7 @@ impl Default for CommitOptions {
             max_batch_entries: 32_768,
             max_users_per_change: limits::MAX_USERS_PER_CHANGE,
             max_entry_bytes: max_entry_bytes_for(ferry_protocol::DEFAULT_MAX_FRAME_BYTES),
+            homes: None,
             seq_cache_entries: 1_000_000,
         }
     }
@@ -248,6 +258,8 @@ fn check_op(op: &Op, options: &CommitOptions) -> Result<(), Refusal> {
                 }
             }
         }
+        // Checked entry by entry as it is applied (`link::decode_link_batch`).
+        Op::ApplyLink { .. } => Ok(()),
     }
 }
 
@@ -352,6 +364,16 @@ pub enum Op {
         /// What.
         change: GroupChange,
     },
+    /// A peer node's link batch (cluster mode): applied if it is the next
+    /// one of its link, each exactly once (see `link`).
+    ApplyLink {
+        /// The node it came from.
+        from: NodeId,
+        /// Its link epoch.
+        epoch: u64,
+        /// The batch.
+        batch: ferry_protocol::bus::LinkBatch,
+    },
 }
 
 /// One entry to deliver to several inboxes: the same content, each target
@@ -397,10 +419,31 @@ pub enum Outcome {
         /// What to deliver.
         fanouts: Vec<Fanout>,
     },
+    /// What became of a peer's link batch (`Op::ApplyLink`).
+    Link(LinkOutcome),
     /// Refused by a rule (not a member, window passed, …).
     Refused(Refusal),
     /// The batch could not be written.
     Failed(String),
+}
+
+/// What became of a peer's link batch.
+#[derive(Debug, Clone)]
+pub enum LinkOutcome {
+    /// Applied (durable once reported), or found applied before.
+    Applied {
+        /// What to deliver to this node's users.
+        fanouts: Vec<Fanout>,
+        /// Applied before: nothing was written.
+        duplicate: bool,
+    },
+    /// Not the next batch of its link (an earlier one is missing): try later.
+    NotNext,
+    /// From an earlier epoch of its sender: never to be applied.
+    Dropped,
+    /// Its contents do not decode: its seq is taken (the link goes on) and
+    /// nothing of it is stored. A bug or a version mismatch; logged loudly.
+    Skipped(String),
 }
 
 enum Request<T> {
@@ -415,7 +458,7 @@ pub const DELIVERY_QUEUE_BATCHES: usize = 2;
 
 /// From the committer thread to the delivery thread, in commit order.
 enum Delivery<T> {
-    Batch(Vec<(T, Outcome)>),
+    Batch(Vec<(T, Outcome)>, Vec<LinkOut>),
     Barrier(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
@@ -445,7 +488,7 @@ impl<T: Send + 'static> Committer<T> {
     pub fn start(
         storage: Arc<Storage>,
         options: CommitOptions,
-        sink: impl FnMut(Vec<(T, Outcome)>) + Send + 'static,
+        sink: impl FnMut(Vec<(T, Outcome)>, Vec<LinkOut>) + Send + 'static,
     ) -> Result<Committer<T>, StorageError> {
         let (tx, rx) = mpsc::channel(options.queue_ops.max(1));
         let last_msg_id = storage
@@ -453,7 +496,13 @@ impl<T: Send + 'static> Committer<T> {
             .get_cf(storage.cf(cf::META), keys::META_MSG_ID_HIGH_WATER)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map_or(0, u64::from_be_bytes);
+        // Cluster mode: this data dir's link epoch names its link batches.
+        let link_epoch = match options.homes {
+            Some(_) => storage.link_epoch()?,
+            None => 0,
+        };
         let mut worker = Worker::new(storage, options, last_msg_id);
+        worker.link_epoch = link_epoch;
         let (deliver_tx, deliver_rx) = std::sync::mpsc::sync_channel(DELIVERY_QUEUE_BATCHES);
         std::thread::Builder::new()
             .name("ferry-deliver".into())
@@ -537,6 +586,14 @@ struct Worker {
     failures: metrics::Counter,
     /// `ferry_commit_seq_cache_entries`.
     seq_cache_gauge: metrics::Gauge,
+    /// Cluster mode: what the current op staged for other nodes.
+    op_remote: link::OpRemote,
+    /// Last link seq assigned per peer (loaded lazily from `meta`).
+    link_out: HashMap<NodeId, u64, RandomState>,
+    /// (epoch, last seq applied) per origin (loaded lazily from `meta`).
+    link_in: HashMap<NodeId, (u64, u64), RandomState>,
+    /// This data dir's link epoch (cluster mode; 0 otherwise).
+    link_epoch: u64,
 }
 
 /// The per-user next seq, bounded: two generations of at most half the
@@ -611,6 +668,8 @@ struct OpUndo {
     groups: Vec<(String, Option<Option<Arc<Group>>>)>,
     /// (cursor, batch value before) for every cursor the op moved.
     cursors: Vec<(CursorKey, Option<u64>)>,
+    /// (origin, link position before) for a link batch the op applied.
+    link_in: Vec<(NodeId, Option<(u64, u64)>)>,
 }
 
 type CursorKey = (Arc<str>, Arc<str>);
@@ -633,6 +692,12 @@ struct BatchState {
     /// Whether an op other than an ack was applied: only then does the
     /// batch need its WAL synced.
     needs_sync: bool,
+    /// Cluster mode: items for each peer node, sealed into link batches at commit.
+    remote: std::collections::BTreeMap<NodeId, link::RemoteItems>,
+    /// First-touch values of `link_out`, restored if the write fails.
+    link_out_journal: HashMap<NodeId, u64, RandomState>,
+    /// First-touch values of `link_in`, restored if the write fails.
+    link_in_journal: HashMap<NodeId, Option<(u64, u64)>, RandomState>,
 }
 
 /// A batch's puts, kept aside and sorted by column family and key before
@@ -694,14 +759,14 @@ impl BatchState {
 /// releases barriers once everything before them has been through it.
 fn deliver<T>(
     batches: std::sync::mpsc::Receiver<Delivery<T>>,
-    mut sink: impl FnMut(Vec<(T, Outcome)>),
+    mut sink: impl FnMut(Vec<(T, Outcome)>, Vec<LinkOut>),
 ) {
     let sink_seconds = metrics::histogram!("ferry_commit_sink_seconds");
     for delivery in batches {
         match delivery {
-            Delivery::Batch(results) => {
+            Delivery::Batch(results, links) => {
                 let started = std::time::Instant::now();
-                sink(results);
+                sink(results, links);
                 sink_seconds.record(started.elapsed());
             }
             Delivery::Barrier(done) => {
@@ -726,6 +791,10 @@ impl Worker {
             undo: OpUndo::default(),
             failures: metrics::counter!("ferry_commit_failures_total"),
             seq_cache_gauge: metrics::gauge!("ferry_commit_seq_cache_entries"),
+            op_remote: link::OpRemote::default(),
+            link_out: HashMap::default(),
+            link_in: HashMap::default(),
+            link_epoch: 0,
         }
     }
 
@@ -772,7 +841,7 @@ impl Worker {
                 batch_ops.record(ops as f64);
                 let applied = std::time::Instant::now();
                 apply_seconds.record(applied - started);
-                self.commit(state, &mut results);
+                let links = self.commit(state, &mut results);
                 let committed = std::time::Instant::now();
                 commit_seconds.record(committed - applied);
                 tracing::debug!(
@@ -782,7 +851,7 @@ impl Worker {
                     write_us = (committed - applied).as_micros() as u64,
                     "batch committed"
                 );
-                if deliveries.send(Delivery::Batch(results)).is_err() {
+                if deliveries.send(Delivery::Batch(results, links)).is_err() {
                     return None;
                 }
             }
@@ -810,7 +879,14 @@ impl Worker {
     /// its group changes in the cache and trims the seq map; or, if the
     /// write fails, rolls the seq map back and fails every op that was not
     /// refused.
-    fn commit<T>(&mut self, mut state: BatchState, results: &mut [(T, Outcome)]) {
+    fn commit<T>(&mut self, mut state: BatchState, results: &mut [(T, Outcome)]) -> Vec<LinkOut> {
+        let links = match self.seal_links(&mut state) {
+            Ok(links) => links,
+            Err(e) => {
+                self.fail_batch(&e, state, results);
+                return Vec::new();
+            }
+        };
         state.put(
             cf::META,
             keys::META_MSG_ID_HIGH_WATER,
@@ -824,31 +900,51 @@ impl Worker {
             );
         }
         let sync = self.sync_batch(&state);
-        let batch = state.writes.into_write_batch(&self.storage);
+        let groups = std::mem::take(&mut state.groups);
+        let writes = std::mem::take(&mut state.writes);
+        let batch = writes.into_write_batch(&self.storage);
         match self.write(batch, sync) {
             Ok(()) => {
                 self.storage.writes_failing.store(false, Ordering::Relaxed);
-                if !state.groups.is_empty() {
-                    self.storage.cache_groups(state.groups);
+                if !groups.is_empty() {
+                    self.storage.cache_groups(groups);
                 }
                 self.next_seq.evict();
                 self.seq_cache_gauge.set(self.next_seq.len() as f64);
+                links
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed; the batch is refused");
-                self.failures.increment(1);
-                self.storage.writes_failing.store(true, Ordering::Relaxed);
-                for (user, old) in state.seq_journal {
-                    match old {
-                        Some(v) => self.next_seq.insert(user, v),
-                        None => self.next_seq.remove(&user),
-                    };
-                }
-                for (_, outcome) in results.iter_mut() {
-                    if !matches!(outcome, Outcome::Refused(_)) {
-                        *outcome = Outcome::Failed(e.to_string());
-                    }
-                }
+                self.fail_batch(&e, state, results);
+                Vec::new()
+            }
+        }
+    }
+
+    /// The batch could not be written: every in-memory position it moved
+    /// (seqs, link seqs and positions) goes back, and every op that was not
+    /// refused fails.
+    fn fail_batch<T>(&mut self, e: &StorageError, state: BatchState, results: &mut [(T, Outcome)]) {
+        tracing::error!(error = %e, "commit failed; the batch is refused");
+        self.failures.increment(1);
+        self.storage.writes_failing.store(true, Ordering::Relaxed);
+        for (user, old) in state.seq_journal {
+            match old {
+                Some(v) => self.next_seq.insert(user, v),
+                None => self.next_seq.remove(&user),
+            };
+        }
+        for (peer, old) in state.link_out_journal {
+            self.link_out.insert(peer, old);
+        }
+        for (origin, old) in state.link_in_journal {
+            match old {
+                Some(p) => self.link_in.insert(origin, p),
+                None => self.link_in.remove(&origin),
+            };
+        }
+        for (_, outcome) in results.iter_mut() {
+            if !matches!(outcome, Outcome::Refused(_)) {
+                *outcome = Outcome::Failed(e.to_string());
             }
         }
     }
@@ -873,6 +969,19 @@ impl Worker {
         wo.set_sync(sync);
         self.storage.db.write_opt(batch, &wo)?;
         Ok(())
+    }
+
+    /// A new group id. In cluster mode it is one this node owns (ids are
+    /// minted until one hashes here: about as many tries as there are
+    /// nodes), so that a group created without an id is created here.
+    fn new_group_id(&mut self) -> String {
+        loop {
+            let id = format!("g{:x}", self.next_msg_id());
+            match &self.options.homes {
+                Some(homes) if homes.owner_of_group(&id) != homes.this_node() => continue,
+                _ => return id,
+            }
+        }
     }
 
     fn next_msg_id(&mut self) -> u64 {
@@ -905,6 +1014,8 @@ impl Worker {
         undo.dedup.clear();
         undo.groups.clear();
         undo.cursors.clear();
+        undo.link_in.clear();
+        self.op_remote.clear();
     }
 
     /// Undoes everything the current op staged or changed since its
@@ -937,6 +1048,13 @@ impl Worker {
                 None => state.cursors.remove(&key),
             };
         }
+        for (origin, previous) in undo.link_in.drain(..).rev() {
+            match previous {
+                Some(p) => self.link_in.insert(origin, p),
+                None => self.link_in.remove(&origin),
+            };
+        }
+        self.op_remote.clear();
     }
 
     /// Records a dedup record in the batch (journaled).
@@ -975,7 +1093,10 @@ impl Worker {
         };
         match outcome {
             Outcome::Refused(_) | Outcome::Failed(_) => self.rollback(state),
-            _ if !is_ack => state.needs_sync = true,
+            _ if !is_ack => {
+                self.keep_op_remote(state);
+                state.needs_sync = true;
+            }
             _ => {}
         }
         outcome
@@ -1004,6 +1125,7 @@ impl Worker {
             } => self.read(from, to, up_to_msg_id, state),
             Op::Ack { user, device, seq } => self.ack(user, device, seq, state),
             Op::Group { actor, change } => self.group_change(actor, change, state),
+            Op::ApplyLink { from, epoch, batch } => self.apply_link(from, epoch, batch, state),
         };
         result.unwrap_or_else(|e| Outcome::Failed(e.to_string()))
     }
@@ -1120,11 +1242,7 @@ impl Worker {
         if let Some(refusal) = self.refuse_unfit("the message", entry_len_bound(&msg)) {
             return Ok(Outcome::Refused(refusal));
         }
-        state.put(
-            cf::MSGS,
-            keys::msg_key(&conv_bytes, msg_id),
-            msg.encode_to_vec(),
-        );
+        self.put_message_row(&conv_bytes, msg_id, &msg, state);
         let pointer = InboxValue {
             conv: conv_bytes,
             msg_id,
@@ -1133,7 +1251,10 @@ impl Worker {
         let mut sender_seq = 0;
         let mut others = Vec::with_capacity(recipients.len());
         for user in &recipients {
-            let seq = self.put_inbox(user, &pointer, state)?;
+            // A user homed on another node gets the entry there (cluster mode).
+            let Some(seq) = self.put_entry(user, &pointer, state)? else {
+                continue;
+            };
             if *user == from && !system {
                 sender_seq = seq;
             } else {
@@ -1203,7 +1324,9 @@ impl Worker {
                 msg_id: entry.msg_id,
                 inline: Some(view.clone()),
             };
-            let seq = self.put_inbox(user, &value, state)?;
+            let Some(seq) = self.put_entry(user, &value, state)? else {
+                continue;
+            };
             match fanouts.iter_mut().find(|f| f.entry == view) {
                 Some(f) => f.targets.push((user.clone(), seq)),
                 None => fanouts.push(Fanout {
@@ -1296,11 +1419,7 @@ impl Worker {
         msg.recalled = true;
         msg.body = Bytes::new();
         msg.content_type.clear();
-        state.put(
-            cf::MSGS,
-            keys::msg_key(&conv.encode(), msg_id),
-            msg.encode_to_vec(),
-        );
+        self.put_message_row(&conv.encode(), msg_id, &msg, state);
         let fanouts = self.put_inline(&users, &conv, entry, state)?;
         Ok(Outcome::Recalled { msg_id, fanouts })
     }
@@ -1407,9 +1526,7 @@ impl Worker {
         state: &mut BatchState,
     ) -> Result<Outcome, StorageError> {
         let group_id = match &change {
-            GroupChange::Create { group_id, .. } if group_id.is_empty() => {
-                format!("g{:x}", self.next_msg_id())
-            }
+            GroupChange::Create { group_id, .. } if group_id.is_empty() => self.new_group_id(),
             GroupChange::Create { group_id, .. }
             | GroupChange::Add { group_id, .. }
             | GroupChange::Remove { group_id, .. }
@@ -1729,11 +1846,7 @@ impl Worker {
             group_event: Some(event),
             ..Default::default()
         };
-        state.put(
-            cf::MSGS,
-            keys::msg_key(&conv_bytes, msg_id),
-            msg.encode_to_vec(),
-        );
+        self.put_message_row(&conv_bytes, msg_id, &msg, state);
         let pointer = InboxValue {
             conv: conv_bytes,
             msg_id,
@@ -1741,7 +1854,9 @@ impl Worker {
         };
         let mut targets = Vec::with_capacity(audience.len());
         for user in audience {
-            targets.push((user.clone(), self.put_inbox(user, &pointer, state)?));
+            if let Some(seq) = self.put_entry(user, &pointer, state)? {
+                targets.push((user.clone(), seq));
+            }
         }
         Ok(vec![Fanout {
             entry: message_entry(actor, 0, msg_id, &conv, msg),

@@ -126,7 +126,7 @@ pub(crate) fn storable(id: &str) -> bool {
     id.len() <= MAX_ID_BYTES
 }
 
-fn storable_conv(conv: &ConvKey) -> bool {
+pub(crate) fn storable_conv(conv: &ConvKey) -> bool {
     match conv {
         ConvKey::Direct(a, b) => storable(a) && storable(b),
         ConvKey::Group(g) => storable(g),

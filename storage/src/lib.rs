@@ -28,8 +28,8 @@ pub mod model;
 pub mod retention;
 
 pub use commit::{
-    CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, Op, Outcome,
-    Target, max_entry_bytes_for,
+    CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, LinkOutcome, Op,
+    Outcome, Target, max_entry_bytes_for,
 };
 pub use db::{InboxPage, Storage, StorageOptions};
 pub use groups::{Group, Refusal};

@@ -35,11 +35,15 @@ impl Drop for Running {
 
 fn start(storage: &Arc<Storage>) -> (Running, Results) {
     let (tx, rx) = mpsc::channel();
-    let committer = Committer::start(storage.clone(), CommitOptions::default(), move |batch| {
-        for item in batch {
-            let _ = tx.send(item);
-        }
-    })
+    let committer = Committer::start(
+        storage.clone(),
+        CommitOptions::default(),
+        move |batch, _links| {
+            for item in batch {
+                let _ = tx.send(item);
+            }
+        },
+    )
     .unwrap();
     (Running(committer), rx)
 }
