@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use bytes::Bytes;
 use ferry_protocol::proto;
 use ferry_protocol::{ErrorCode, Frame, LENGTH_PREFIX_BYTES};
-use ferry_storage::{Fanout, Group, Outcome, Storage};
+use ferry_storage::{Fanout, Group, LinkOut, LinkOutcome, Outcome, Storage};
 use prost::Message;
 use tokio::sync::oneshot;
 
@@ -54,6 +54,24 @@ pub enum Reply {
     },
     /// The admin API waits for the outcome itself.
     Admin(oneshot::Sender<Outcome>),
+    /// A peer's link batch (cluster mode): the bus FINs its NSQ message
+    /// once told the outcome.
+    Link(LinkTag),
+}
+
+/// A peer's link batch in flight through the committer (cluster mode).
+/// Only the bus makes them.
+pub struct LinkTag {
+    /// The peer it came from.
+    pub(crate) origin: ferry_storage::NodeId,
+    /// Its link epoch.
+    pub(crate) epoch: u64,
+    /// Its seq.
+    pub(crate) seq: u64,
+    /// The NSQ message, FINed or REQueued by the bus.
+    pub(crate) delivery: ferry_nsq::Delivery,
+    /// Where the outcome goes (the bus's consumer task).
+    pub(crate) done: tokio::sync::mpsc::UnboundedSender<crate::bus::inbound::LinkDone>,
 }
 
 /// The delivery side of the router: the session registry, the storage it
@@ -73,6 +91,8 @@ pub(crate) struct Hub {
     pub max_frame_bytes: usize,
     pub runtime: tokio::runtime::Handle,
     pub stopping: AtomicBool,
+    /// The cluster bus, in cluster mode: link batches go to its publishers.
+    pub bus: std::sync::OnceLock<Arc<crate::bus::Bus>>,
 }
 
 impl Hub {
@@ -91,17 +111,65 @@ impl Hub {
             max_frame_bytes,
             runtime,
             stopping: AtomicBool::new(false),
+            bus: std::sync::OnceLock::new(),
         }
     }
 
-    /// The committer's sink.
-    pub fn committed(self: &Arc<Self>, results: Vec<(Reply, Outcome)>) {
+    /// The committer's sink: link batches for peers first (their
+    /// publishers run on their own tasks), then replies and fan-out.
+    pub fn committed(self: &Arc<Self>, results: Vec<(Reply, Outcome)>, links: Vec<LinkOut>) {
+        if !links.is_empty() {
+            match self.bus.get() {
+                Some(bus) => bus.committed(links),
+                None => tracing::error!("link batches committed without a bus"),
+            }
+        }
         for (reply, outcome) in results {
             self.complete(reply, outcome);
         }
     }
 
     fn complete(self: &Arc<Self>, reply: Reply, outcome: Outcome) {
+        if let Reply::Link(LinkTag {
+            origin,
+            epoch,
+            seq,
+            delivery,
+            done,
+        }) = reply
+        {
+            use crate::bus::inbound::{LinkDone, LinkResult};
+            let result = match outcome {
+                Outcome::Link(LinkOutcome::Applied { fanouts, .. }) => {
+                    self.deliver_all(&fanouts);
+                    LinkResult::Applied
+                }
+                Outcome::Link(LinkOutcome::NotNext) => LinkResult::NotNext,
+                Outcome::Link(LinkOutcome::Skipped(why)) => {
+                    tracing::error!(peer = origin, seq, %why, "a link batch was skipped");
+                    LinkResult::Applied
+                }
+                Outcome::Link(LinkOutcome::Dropped) => LinkResult::Dropped,
+                Outcome::Failed(_) => LinkResult::Failed,
+                other => {
+                    tracing::error!(
+                        peer = origin,
+                        seq,
+                        ?other,
+                        "unexpected outcome of a link batch"
+                    );
+                    LinkResult::Failed
+                }
+            };
+            let _ = done.send(LinkDone {
+                origin,
+                epoch,
+                seq,
+                delivery,
+                result,
+            });
+            return;
+        }
         if let Reply::Admin(tx) = reply {
             if let Some(fanouts) = fanouts_of(&outcome) {
                 self.deliver_all(fanouts);
@@ -160,6 +228,7 @@ impl Hub {
                 self.deliver_all(&fanouts);
             }
             Outcome::Applied { fanouts } => self.deliver_all(&fanouts),
+            Outcome::Link(_) => {}
             Outcome::Refused(refusal) => reply_error(&reply, refusal.code, refusal.message),
             Outcome::Failed(message) => {
                 tracing::warn!(%message, "write failed");
@@ -210,8 +279,9 @@ fn fanouts_of(outcome: &Outcome) -> Option<&[Fanout]> {
         Outcome::Sent { fanouts, .. }
         | Outcome::Recalled { fanouts, .. }
         | Outcome::GroupChanged { fanouts, .. }
-        | Outcome::Applied { fanouts } => Some(fanouts),
-        Outcome::Refused(_) | Outcome::Failed(_) => None,
+        | Outcome::Applied { fanouts }
+        | Outcome::Link(LinkOutcome::Applied { fanouts, .. }) => Some(fanouts),
+        Outcome::Refused(_) | Outcome::Failed(_) | Outcome::Link(_) => None,
     }
 }
 
@@ -229,7 +299,7 @@ fn reply_error(reply: &Reply, code: ErrorCode, message: String) {
         } => {
             let _ = conn.push(error_frame(code, message, *request_id, 0));
         }
-        Reply::None | Reply::Admin(_) => {}
+        Reply::None | Reply::Admin(_) | Reply::Link(_) => {}
     }
 }
 

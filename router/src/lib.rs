@@ -22,6 +22,7 @@
 //! with no gap and no duplicate.
 #![warn(missing_docs)]
 
+pub mod bus;
 mod delivery;
 pub mod session;
 
@@ -36,7 +37,8 @@ use ferry_storage::{
 use prost::Message;
 use session::{Conn, RequestSlot, Sessions};
 
-pub use delivery::Reply;
+pub use bus::{Bus, BusConfig, OutboundConfig};
+pub use delivery::{LinkTag, Reply};
 
 pub use ferry_cluster::{NodeId, Placement};
 
@@ -52,6 +54,9 @@ pub enum RouterError {
     /// The router is shutting down.
     #[error("router is shutting down")]
     ShuttingDown,
+    /// The cluster bus could not start.
+    #[error("cluster bus: {0}")]
+    Bus(String),
 }
 
 /// Router settings.
@@ -69,6 +74,8 @@ pub struct RouterConfig {
     pub recall_window_ms: u64,
     /// Group commit settings.
     pub commit: CommitOptions,
+    /// The cluster bus settings (cluster mode only; `None`: a single node).
+    pub bus: Option<BusConfig>,
 }
 
 impl Default for RouterConfig {
@@ -79,6 +86,7 @@ impl Default for RouterConfig {
             max_frame_bytes: ferry_protocol::DEFAULT_MAX_FRAME_BYTES,
             recall_window_ms: 120_000,
             commit: CommitOptions::default(),
+            bus: None,
         }
     }
 }
@@ -106,6 +114,8 @@ pub struct Router {
     config: RouterConfig,
     shared: Arc<delivery::Hub>,
     committer: Committer<Reply>,
+    /// The cluster bus, in cluster mode.
+    bus: Option<Arc<Bus>>,
 }
 
 fn invalid(message: impl Into<String>) -> (ErrorCode, String) {
@@ -281,13 +291,24 @@ impl Router {
         commit.max_entry_bytes = commit
             .max_entry_bytes
             .min(ferry_storage::max_entry_bytes_for(config.max_frame_bytes));
-        let committer = Committer::start(storage, commit, move |results| {
-            sink_shared.committed(results)
+        let bus = match &config.bus {
+            Some(bus_config) => {
+                let bus = Arc::new(Bus::start(&config.placement, bus_config.clone(), &storage)?);
+                commit.homes = Some(bus.homes().clone());
+                // TODO(node bits): commit.node_id = bus.this_node();
+                let _ = shared.bus.set(bus.clone());
+                Some(bus)
+            }
+            None => None,
+        };
+        let committer = Committer::start(storage, commit, move |results, links| {
+            sink_shared.committed(results, links)
         })?;
         Ok(Router {
             config,
             shared,
             committer,
+            bus,
         })
     }
 
@@ -351,13 +372,54 @@ impl Router {
 
     /// Whether the router can serve. Not ready while shutting down, or while storage writes fail (the
     /// last batch write failed and none has succeeded since): a load
-    /// balancer should then send new clients elsewhere.
+    /// balancer should then send new clients elsewhere. In cluster mode,
+    /// also not while the node list is not confirmed by the peers or no
+    /// nsqd is reachable (see [`Router::not_ready_reason`]).
     pub fn is_ready(&self) -> bool {
-        !self
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why the router is not ready, if it is not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self
             .shared
             .stopping
             .load(std::sync::atomic::Ordering::Relaxed)
-            && !self.shared.storage.writes_failing()
+        {
+            return Some("shutting down".into());
+        }
+        if self.shared.storage.writes_failing() {
+            return Some("storage writes failing".into());
+        }
+        let bus = self.bus.as_ref()?;
+        if !bus.nsqd_reachable() {
+            return Some("no nsqd reachable".into());
+        }
+        if !bus.serving() {
+            let disagreeing = bus.disagreeing_peers();
+            return Some(if disagreeing.is_empty() {
+                "the node list is not confirmed by a majority of the nodes yet".into()
+            } else {
+                format!("nodes {disagreeing:?} have a different node list")
+            });
+        }
+        None
+    }
+
+    /// Whether clients may be served: always on a single node; in cluster
+    /// mode once a majority of the nodes agree on the node list.
+    pub fn serving(&self) -> bool {
+        self.bus.as_ref().is_none_or(|bus| bus.serving())
+    }
+
+    /// Starts the cluster bus's consumer and timers (cluster mode; nothing
+    /// on a single node). Call once, right after wrapping the router in an `Arc`.
+    pub fn start_cluster(self: &Arc<Self>) -> Result<(), RouterError> {
+        if let Some(bus) = &self.bus {
+            bus.run(Arc::downgrade(self), self.shared.storage.clone())
+                .map_err(|e| RouterError::Bus(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Queues `auth_ok` (with the inbox's max seq filled in), registers
@@ -413,6 +475,34 @@ impl Router {
             Body::History(h) => (h.request_id, 0),
             _ => (0, 0),
         };
+        if let Some(bus) = &self.bus
+            && let Some(owner) = bus::owner_elsewhere(bus.homes().as_ref(), &body)
+        {
+            if conn.is_remote() {
+                // Forwarded by a node whose placement differs from ours.
+                let _ = conn.push(error_frame(
+                    ErrorCode::Unavailable,
+                    format!("node {} does not own this group", bus.this_node()),
+                    request_id,
+                    client_msg_id,
+                ));
+                return;
+            }
+            if matches!(body, Body::Typing(_)) && !conn.typing_allowed() {
+                return;
+            }
+            let reply_wanted = !matches!(body, Body::Read(_) | Body::Typing(_));
+            bus.call(
+                owner,
+                conn,
+                body,
+                slot,
+                request_id,
+                client_msg_id,
+                reply_wanted,
+            );
+            return;
+        }
         let result = match body {
             Body::Send(send) => self.send(conn, send, slot).await,
             Body::DeliverAck(ack) => {
@@ -447,6 +537,14 @@ impl Router {
         if let Err((code, message)) = result {
             let _ = conn.push(error_frame(code, message, request_id, client_msg_id));
         }
+    }
+
+    /// Submits an op to the committer (the bus's link batches).
+    pub(crate) async fn submit_op(&self, op: Op, reply: Reply) -> Result<(), RouterError> {
+        self.committer
+            .submit(op, reply)
+            .await
+            .map_err(|_| RouterError::ShuttingDown)
     }
 
     async fn submit(&self, op: Op, reply: Reply) -> Result<(), (ErrorCode, String)> {
@@ -592,9 +690,14 @@ impl Router {
                     typing: typing.typing,
                     from,
                 });
-                self.shared.sessions.for_each_connection(&peer, |c| {
-                    c.try_push_best_effort(frame.clone());
-                });
+                match self.remote_node_of(&peer) {
+                    Some((bus, node)) => {
+                        bus.ephemeral(vec![(node, vec![peer.to_string()])], &frame)
+                    }
+                    None => self.shared.sessions.for_each_connection(&peer, |c| {
+                        c.try_push_best_effort(frame.clone());
+                    }),
+                }
             }
             Target::Group(group_id) => {
                 let group = self.existing_group(&group_id).await?;
@@ -606,10 +709,22 @@ impl Router {
                     typing: typing.typing,
                     from: from.clone(),
                 });
+                let mut remote: Vec<(ferry_storage::NodeId, Vec<String>)> = Vec::new();
                 for member in group.members.iter().filter(|m| m.as_ref() != from) {
-                    self.shared.sessions.for_each_connection(member, |c| {
-                        c.try_push_best_effort(frame.clone());
-                    });
+                    match self.remote_node_of(member) {
+                        Some((_, node)) => match remote.iter_mut().find(|(n, _)| *n == node) {
+                            Some((_, users)) => users.push(member.to_string()),
+                            None => remote.push((node, vec![member.to_string()])),
+                        },
+                        None => self.shared.sessions.for_each_connection(member, |c| {
+                            c.try_push_best_effort(frame.clone());
+                        }),
+                    }
+                }
+                if let Some(bus) = &self.bus
+                    && !remote.is_empty()
+                {
+                    bus.ephemeral(remote, &frame);
                 }
             }
         }
@@ -765,6 +880,13 @@ impl Router {
             .map_err(|_| RouterError::ShuttingDown)
     }
 
+    /// The bus and the node `user` lives on, when that is another node.
+    fn remote_node_of(&self, user: &str) -> Option<(&Arc<Bus>, ferry_storage::NodeId)> {
+        let bus = self.bus.as_ref()?;
+        let home = bus.homes().home_of_user(user);
+        (home != bus.this_node()).then_some((bus, home))
+    }
+
     /// Waits until everything submitted so far is committed and delivered
     /// to outboxes, then flushes and closes storage (see [`Storage::close`]):
     /// the process is about to exit.
@@ -773,6 +895,9 @@ impl Router {
             .stopping
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.committer.barrier().await;
+        if let Some(bus) = &self.bus {
+            bus.shutdown().await;
+        }
         let storage = self.shared.storage.clone();
         let _ = tokio::task::spawn_blocking(move || storage.close()).await;
         // After this no thread of ours writes; the database itself closes

@@ -290,6 +290,9 @@ pub struct Conn {
     space: Notify,
     /// Coarse clock second of the last inbound frame (heartbeat).
     last_seen: AtomicU32,
+    /// A stand-in for a connection on another node (a forwarded request):
+    /// never registered, never forwards again.
+    remote: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Conn {
@@ -413,7 +416,20 @@ impl Conn {
             cancel: CancellationToken::new(),
             space: Notify::new(),
             last_seen: AtomicU32::new(0),
+            remote: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks this handle as the stand-in for a connection of another node
+    /// (a request forwarded over the cluster bus).
+    pub fn mark_remote(&self) {
+        self.remote
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this handle stands in for a connection of another node.
+    pub fn is_remote(&self) -> bool {
+        self.remote.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The connection's unique id.

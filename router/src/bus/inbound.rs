@@ -1,0 +1,242 @@
+//! The receiving side of the links (docs/CLUSTER.md §2.1): batches from
+//! each peer are applied in seq order, each exactly once, and confirmed.
+//!
+//! One task reads this node's topic. A `LinkBatch` that is the next one of
+//! its link goes to the committer (`Op::ApplyLink`), whose own check of the
+//! persisted position is the authority; the NSQ message is FINed only once
+//! the committer reports the batch durable (or a duplicate). A batch beyond
+//! the next one is held (bounded) until the gap is filled, and the sender is
+//! asked to resend from the gap if it stays open. Applied positions are
+//! confirmed to the sender, coalesced per tick.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use ferry_nsq::Delivery;
+use ferry_protocol::bus;
+use ferry_storage::NodeId;
+
+/// Batches held per peer while waiting for a gap to fill; beyond this they
+/// are FINed and dropped (the sender still has them and resends).
+const HELD_PER_PEER: usize = 128;
+/// How long a gap may stay open before the sender is asked to resend.
+const GAP_PATIENCE: Duration = Duration::from_millis(200);
+/// Least time between two resend requests to one peer.
+const RESEND_ASK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the committer made of a link batch (from the delivery thread).
+#[derive(Debug)]
+pub(crate) enum LinkResult {
+    /// Applied and durable (or found applied already).
+    Applied,
+    /// Not the next batch for the committer (an earlier one failed or the
+    /// epoch changed): try again later.
+    NotNext,
+    /// Unusable (from an old epoch, or undecodable): dropped.
+    Dropped,
+    /// The write failed: requeue with back-off.
+    Failed,
+}
+
+/// A link batch's outcome, sent back to the inbound task.
+#[derive(Debug)]
+pub(crate) struct LinkDone {
+    pub origin: NodeId,
+    pub epoch: u64,
+    pub seq: u64,
+    pub delivery: Delivery,
+    pub result: LinkResult,
+}
+
+/// One incoming link.
+pub(crate) struct InboundLink {
+    /// The epoch being applied.
+    pub epoch: u64,
+    /// Durably applied through here.
+    pub applied: u64,
+    /// Handed to the committer through here (`>= applied`).
+    pub submitted: u64,
+    /// Batches beyond `submitted + 1`, waiting for the gap to fill.
+    pub held: BTreeMap<u64, (Delivery, bus::LinkBatch)>,
+    /// When the current gap was first seen.
+    pub gap_since: Option<Instant>,
+    /// When the sender was last asked to resend.
+    pub resend_asked: Option<Instant>,
+    /// `applied` changed (or a duplicate came) since the last confirmation.
+    pub confirm_due: bool,
+}
+
+impl InboundLink {
+    pub fn new(epoch: u64, applied: u64) -> InboundLink {
+        InboundLink {
+            epoch,
+            applied,
+            submitted: applied,
+            held: BTreeMap::new(),
+            gap_since: None,
+            resend_asked: None,
+            confirm_due: applied > 0,
+        }
+    }
+}
+
+/// What to do with a batch that just arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// The next one: submit it.
+    Submit,
+    /// Seen before (applied or submitted): FIN it, confirm again.
+    Duplicate,
+    /// Beyond the next one: held.
+    Held,
+    /// Beyond the next one and nothing more can be held: FIN and forget.
+    Overflow,
+    /// From another epoch and not its first batch: FIN and forget (ask
+    /// for the new epoch from seq 1).
+    OtherEpoch,
+}
+
+impl InboundLink {
+    /// Sorts an arriving batch. A first batch (seq 1) of a new epoch starts
+    /// the link over.
+    pub fn arrive(&mut self, epoch: u64, seq: u64) -> Arrival {
+        if epoch != self.epoch {
+            if seq != 1 {
+                return Arrival::OtherEpoch;
+            }
+            // The sender's data dir was replaced or restored: a new link.
+            self.epoch = epoch;
+            self.applied = 0;
+            self.submitted = 0;
+            self.held.clear();
+            self.gap_since = None;
+        }
+        if seq <= self.submitted {
+            self.confirm_due = true;
+            return Arrival::Duplicate;
+        }
+        if seq == self.submitted + 1 {
+            self.submitted = seq;
+            return Arrival::Submit;
+        }
+        if self.gap_since.is_none() {
+            self.gap_since = Some(Instant::now());
+        }
+        if self.held.len() >= HELD_PER_PEER || self.held.contains_key(&seq) {
+            return Arrival::Overflow;
+        }
+        Arrival::Held
+    }
+
+    /// The held batch that is now next, if any.
+    pub fn next_held(&mut self) -> Option<(Delivery, bus::LinkBatch)> {
+        let next = self.submitted + 1;
+        let entry = self.held.remove(&next)?;
+        self.submitted = next;
+        if self.held.is_empty() {
+            self.gap_since = None;
+        }
+        Some(entry)
+    }
+
+    /// Whether to ask the sender to resend from `submitted + 1` now.
+    pub fn resend_due(&mut self, now: Instant) -> bool {
+        let gap_open = self
+            .gap_since
+            .is_some_and(|since| now - since >= GAP_PATIENCE);
+        let asked_recently = self
+            .resend_asked
+            .is_some_and(|at| now - at < RESEND_ASK_INTERVAL);
+        if gap_open && !asked_recently {
+            self.resend_asked = Some(now);
+            return true;
+        }
+        false
+    }
+
+    /// A batch's outcome. Returns whether the link must go back to what is
+    /// applied (the committer did not take a batch).
+    pub fn done(&mut self, epoch: u64, seq: u64, result: &LinkResult) -> bool {
+        if epoch != self.epoch {
+            return false;
+        }
+        match result {
+            LinkResult::Applied => {
+                self.applied = self.applied.max(seq);
+                self.confirm_due = true;
+                false
+            }
+            LinkResult::NotNext | LinkResult::Failed => {
+                // This and everything submitted after it will come again
+                // (REQueued, or resent by the sender).
+                self.submitted = self.applied.min(self.submitted);
+                if self.gap_since.is_none() {
+                    self.gap_since = Some(Instant::now());
+                }
+                true
+            }
+            LinkResult::Dropped => false,
+        }
+    }
+}
+
+/// Inbound links by origin.
+pub(crate) type InboundLinks = HashMap<NodeId, InboundLink>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_taken_in_order_duplicates_recognised_and_gaps_held() {
+        let mut link = InboundLink::new(7, 0);
+        assert_eq!(link.arrive(7, 1), Arrival::Submit);
+        assert_eq!(link.arrive(7, 1), Arrival::Duplicate);
+        assert_eq!(link.arrive(7, 3), Arrival::Held);
+        assert!(link.gap_since.is_some());
+        assert_eq!(link.arrive(7, 2), Arrival::Submit);
+        assert_eq!(link.submitted, 2);
+        assert!(!link.done(7, 1, &LinkResult::Applied));
+        assert_eq!(link.applied, 1);
+        assert!(link.confirm_due);
+    }
+
+    #[test]
+    fn a_new_epoch_starts_over_only_at_its_first_batch() {
+        let mut link = InboundLink::new(7, 40);
+        assert_eq!(link.arrive(8, 5), Arrival::OtherEpoch);
+        assert_eq!(link.epoch, 7, "a stray batch does not switch the epoch");
+        assert_eq!(link.arrive(8, 1), Arrival::Submit);
+        assert_eq!((link.epoch, link.applied, link.submitted), (8, 0, 1));
+        assert_eq!(
+            link.arrive(7, 41),
+            Arrival::OtherEpoch,
+            "the old epoch is over"
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_rewinds_to_what_is_applied() {
+        let mut link = InboundLink::new(1, 10);
+        assert_eq!(link.arrive(1, 11), Arrival::Submit);
+        assert_eq!(link.arrive(1, 12), Arrival::Submit);
+        assert!(link.done(1, 11, &LinkResult::Failed));
+        assert_eq!(link.submitted, 10);
+        assert_eq!(
+            link.arrive(1, 11),
+            Arrival::Submit,
+            "the redelivery is taken again"
+        );
+    }
+
+    #[test]
+    fn resends_are_asked_once_the_gap_outlasts_the_patience_and_not_too_often() {
+        let mut link = InboundLink::new(1, 0);
+        assert_eq!(link.arrive(1, 2), Arrival::Held);
+        let t0 = link.gap_since.unwrap();
+        assert!(!link.resend_due(t0));
+        assert!(link.resend_due(t0 + GAP_PATIENCE));
+        assert!(!link.resend_due(t0 + GAP_PATIENCE + Duration::from_millis(10)));
+        assert!(link.resend_due(t0 + GAP_PATIENCE + RESEND_ASK_INTERVAL));
+    }
+}
