@@ -117,6 +117,12 @@ pub(crate) fn routes(state: AdminState) -> axum::Router {
         .route("/stats", get(stats))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the token check: a call is forwarded only once it is
+        // authorised here.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::admin_forward::forward_to_owner,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,

@@ -285,6 +285,18 @@ pub struct ClusterArgs {
         value_delimiter = ','
     )]
     pub lookupd_http_addresses: Option<Vec<String>>,
+    /// Publish a link to a peer again from its oldest unconfirmed batch after this many ms without a confirmation [default: 5000].
+    #[arg(
+        long = "cluster-resend-after-ms",
+        env = "FERRY_CLUSTER_RESEND_AFTER_MS"
+    )]
+    pub resend_after_ms: Option<u64>,
+    /// How long a request forwarded to a group's owner node waits for its answer, in ms, before the client gets UNAVAILABLE [default: 5000].
+    #[arg(
+        long = "cluster-call-timeout-ms",
+        env = "FERRY_CLUSTER_CALL_TIMEOUT_MS"
+    )]
+    pub call_timeout_ms: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -304,7 +316,11 @@ impl ClusterArgs {
             nsqd_tcp_addresses,
             consume_nsqd_tcp_addresses,
             lookupd_http_addresses,
+            resend_after_ms,
+            call_timeout_ms,
         } = over.clone();
+        self.resend_after_ms = resend_after_ms.or(self.resend_after_ms);
+        self.call_timeout_ms = call_timeout_ms.or(self.call_timeout_ms);
         self.node_id = node_id.or(self.node_id);
         self.nodes = nodes.or(self.nodes.take());
         self.nsqd_tcp_addresses = nsqd_tcp_addresses.or(self.nsqd_tcp_addresses.take());
@@ -330,6 +346,8 @@ impl ClusterArgs {
             nsqd_tcp_addresses: self.nsqd_tcp_addresses.unwrap_or_default(),
             consume_nsqd_tcp_addresses: self.consume_nsqd_tcp_addresses.unwrap_or_default(),
             lookupd_http_addresses: self.lookupd_http_addresses.unwrap_or_default(),
+            resend_after_ms: self.resend_after_ms.unwrap_or(DEFAULT_RESEND_AFTER_MS),
+            call_timeout_ms: self.call_timeout_ms.unwrap_or(DEFAULT_CALL_TIMEOUT_MS),
         }))
     }
 }
@@ -351,6 +369,26 @@ pub struct ClusterConfig {
     /// nsqlookupd HTTP addresses (`host:port`) for discovery (may be empty).
     #[serde(default)]
     pub lookupd_http_addresses: Vec<String>,
+    /// A link is published again from its oldest unconfirmed batch after
+    /// this long without a confirmation (ms).
+    #[serde(default = "default_resend_after_ms")]
+    pub resend_after_ms: u64,
+    /// How long a request forwarded to a group's owner waits (ms).
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+}
+
+/// Default of `cluster.resend_after_ms`.
+pub const DEFAULT_RESEND_AFTER_MS: u64 = 5000;
+/// Default of `cluster.call_timeout_ms`.
+pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 5000;
+
+fn default_resend_after_ms() -> u64 {
+    DEFAULT_RESEND_AFTER_MS
+}
+
+fn default_call_timeout_ms() -> u64 {
+    DEFAULT_CALL_TIMEOUT_MS
 }
 
 impl ClusterConfig {
@@ -599,6 +637,21 @@ impl Config {
                 max_group_members: self.max_group_members as usize,
                 ..Default::default()
             },
+            bus: self.cluster.as_ref().map(|cluster| {
+                let mut bus = ferry_router::BusConfig::new(cluster.nsqd_tcp_addresses.clone());
+                // Consume where configured; with neither list, where we publish.
+                if !cluster.consume_nsqd_tcp_addresses.is_empty()
+                    || !cluster.lookupd_http_addresses.is_empty()
+                {
+                    bus.nsqd_consume = cluster.consume_nsqd_tcp_addresses.clone();
+                }
+                bus.lookupd = cluster.lookupd_http_addresses.clone();
+                bus.outbound.resend_after =
+                    std::time::Duration::from_millis(cluster.resend_after_ms.max(100));
+                bus.call_timeout =
+                    std::time::Duration::from_millis(cluster.call_timeout_ms.max(100));
+                bus
+            }),
         })
     }
 

@@ -95,6 +95,18 @@ pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: 
         }
     };
 
+    // Cluster mode: until a majority of the nodes agree on the node list,
+    // placement may be wrong: neither serve nor redirect (docs/CLUSTER.md §1).
+    if !shared.router.serving() {
+        let frame = Frame::closing_error(
+            ErrorCode::Unavailable,
+            "this node's cluster membership is not confirmed yet; retry with back-off",
+        );
+        m::rejected(ErrorCode::Unavailable);
+        let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
+        return;
+    }
+
     // Cluster mode: a user's connections live on its home node. Only a
     // verified user is redirected, so placement never leaks to a bad token.
     let placement = shared.router.placement();

@@ -51,15 +51,13 @@ pub(crate) async fn serve(
     }
 }
 
-async fn readyz(State(shared): State<Arc<ServerState>>) -> (StatusCode, &'static str) {
+async fn readyz(State(shared): State<Arc<ServerState>>) -> (StatusCode, String) {
     if shared.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if shared.router.writes_failing() {
-        (StatusCode::SERVICE_UNAVAILABLE, "storage writes failing\n")
-    } else if !shared.router.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "storage not ready\n")
-    } else {
-        (StatusCode::OK, "ready\n")
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    match shared.router.not_ready_reason() {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        None => (StatusCode::OK, "ready\n".into()),
     }
 }
 

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod admin_forward;
 pub mod auth;
 pub mod config;
 mod connection;
@@ -65,5 +66,7 @@ pub fn open_router(config: &config::Config) -> Result<Arc<ferry_router::Router>,
     ferry_storage::retention::spawn_sweeper(storage.clone(), std::time::Duration::from_secs(3600))
         .map_err(StartError::Sweeper)?;
     let router = ferry_router::Router::new(router_config, storage)?;
-    Ok(Arc::new(router))
+    let router = Arc::new(router);
+    router.start_cluster()?;
+    Ok(router)
 }
