@@ -2,6 +2,8 @@
 //! port 0 (in this process, or the `ferry` binary as a child process), real
 //! TCP clients, and assertions on the exact frames a client receives.
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -1,6 +1,6 @@
 //! Cluster membership, placement and redirects over real `ferry serve`
-//! processes: three nodes with the same `[cluster]` list (the nodes do not
-//! talk to each other yet, so the nsqd address points at an unused port).
+//! processes: three nodes with the same `[cluster]` list and the NSQ test
+//! double as their nsqd (they serve once they hear each other).
 //! `Auth` on a node that is not the user's home gets `Redirect` and a close;
 //! the client follows it to the home node; `/v1/route` gives the same answer
 //! on every node; a single node never redirects; bad cluster configs are
@@ -11,122 +11,22 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 
 use ferry_cluster::{Node, NodeId, Placement};
+use ferry_e2e::cluster::{TestCluster, free_ports};
 use ferry_e2e::*;
 use ferry_protocol::ErrorCode;
 use ferry_protocol::client::{Client, ClientError, MAX_REDIRECTS};
 
-/// Ports free right now, never handed out before in this process. The
-/// nodes must know each other's addresses before any of them starts, so
-/// port 0 cannot be used. The tests of this file run in parallel: without
-/// the registry, one test could be given a port another test just picked
-/// and released. Another process could still take one before our node
-/// binds it, which within that short window is very unlikely.
-fn free_ports(n: usize) -> Vec<u16> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap();
-    let mut held = Vec::new();
-    let mut ports = Vec::new();
-    while ports.len() < n {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().unwrap().port();
-        // Keep every listener until the end, so the OS never repeats a port.
-        held.push(listener);
-        if !given.contains(&port) {
-            given.push(port);
-            ports.push(port);
+/// One user homed on each node: (home id, user).
+fn one_user_per_node(cluster: &TestCluster) -> Vec<(u16, String)> {
+    let mut found = BTreeMap::new();
+    for i in 0.. {
+        let user = format!("user-{i}");
+        found.entry(cluster.home(&user)).or_insert(user);
+        if found.len() == cluster.nodes.len() {
+            break;
         }
     }
-    ports
-}
-
-/// `[cluster]` of a cluster whose node `id` listens on `ports[id]`
-/// (client, ops); no `node_id`: each node gets `--cluster-node-id`, the
-/// way one shared file serves every machine.
-fn cluster_toml(nodes: &BTreeMap<u16, (SocketAddr, SocketAddr)>, nsqd: &str) -> String {
-    let mut text = format!("[cluster]\nnsqd_tcp_addresses = [\"{nsqd}\"]\n");
-    for (id, (client, ops)) in nodes {
-        text.push_str(&format!(
-            "\n[[cluster.nodes]]\nid = {id}\nclient_address = \"{client}\"\nops_address = \"{ops}\"\n"
-        ));
-    }
-    text
-}
-
-struct Cluster {
-    nodes: BTreeMap<u16, ServerProcess>,
-    placement: Placement,
-    _dirs: Vec<tempfile::TempDir>,
-}
-
-impl Cluster {
-    /// Starts nodes 1, 2 and 3 on loopback.
-    async fn start() -> Cluster {
-        let ports = free_ports(7);
-        let addr = |p: u16| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], p)) };
-        let layout: BTreeMap<u16, (SocketAddr, SocketAddr)> = (1..=3u16)
-            .map(|id| {
-                let i = (id as usize - 1) * 2;
-                (id, (addr(ports[i]), addr(ports[i + 1])))
-            })
-            .collect();
-        // Nothing listens there: nothing connects to it yet.
-        let nsqd = addr(ports[6]).to_string();
-        let config_dir = tempfile::tempdir().unwrap();
-        let config = config_dir.path().join("cluster.toml");
-        std::fs::write(&config, cluster_toml(&layout, &nsqd)).unwrap();
-        let mut nodes = BTreeMap::new();
-        let mut dirs = vec![config_dir];
-        for (&id, (client, ops)) in &layout {
-            let dir = tempfile::tempdir().unwrap();
-            let node = ServerProcess::start_on(
-                dir.path(),
-                &client.to_string(),
-                &ops.to_string(),
-                &[
-                    &format!("--config={}", config.display()),
-                    &format!("--cluster-node-id={id}"),
-                ],
-            )
-            .await;
-            assert_eq!(node.addr, *client);
-            nodes.insert(id, node);
-            dirs.push(dir);
-        }
-        let placement = Placement::new(
-            1,
-            layout
-                .iter()
-                .map(|(&id, (client, ops))| Node {
-                    id: NodeId::new(id).unwrap(),
-                    client_address: client.to_string(),
-                    ops_address: ops.to_string(),
-                })
-                .collect(),
-        )
-        .unwrap();
-        Cluster {
-            nodes,
-            placement,
-            _dirs: dirs,
-        }
-    }
-
-    fn home(&self, user: &str) -> u16 {
-        self.placement.home_of_user(user).get()
-    }
-
-    /// One user homed on each node: (home id, user).
-    fn one_user_per_node(&self) -> Vec<(u16, String)> {
-        let mut found = BTreeMap::new();
-        for i in 0.. {
-            let user = format!("user-{i}");
-            found.entry(self.home(&user)).or_insert(user);
-            if found.len() == 3 {
-                break;
-            }
-        }
-        found.into_iter().collect()
-    }
+    found.into_iter().collect()
 }
 
 fn token(user: &str) -> String {
@@ -145,8 +45,8 @@ async fn scrape_redirects(ops: SocketAddr, to_node: u16) -> u64 {
 
 #[tokio::test]
 async fn auth_on_a_wrong_node_is_redirected_home_and_the_client_follows() {
-    let cluster = Cluster::start().await;
-    for (home, user) in cluster.one_user_per_node() {
+    let cluster = TestCluster::start(3).await;
+    for (home, user) in one_user_per_node(&cluster) {
         let home_addr = cluster.nodes[&home].addr.to_string();
         for (&id, node) in &cluster.nodes {
             if id == home {
@@ -192,8 +92,8 @@ async fn auth_on_a_wrong_node_is_redirected_home_and_the_client_follows() {
 
 #[tokio::test]
 async fn a_bad_token_gets_bad_token_never_a_redirect() {
-    let cluster = Cluster::start().await;
-    let (home, user) = cluster.one_user_per_node().remove(0);
+    let cluster = TestCluster::start(3).await;
+    let (home, user) = one_user_per_node(&cluster).remove(0);
     let wrong = cluster.nodes.keys().find(|&&id| id != home).unwrap();
     let forged = ferry_gateway::auth::TokenVerifier::new(b"another-secret-0123456789")
         .mint(&user, None, 600);
@@ -214,7 +114,7 @@ async fn a_bad_token_gets_bad_token_never_a_redirect() {
 
 #[tokio::test]
 async fn route_answers_alike_on_every_node_and_matches_where_auth_lands() {
-    let cluster = Cluster::start().await;
+    let cluster = TestCluster::start(3).await;
     for i in 0..30 {
         let user = format!("route-user-{i}");
         let mut answers = Vec::new();
@@ -346,21 +246,40 @@ async fn a_single_node_never_redirects_and_routes_to_itself() {
 /// cluster): the client gives up after MAX_REDIRECTS.
 #[tokio::test]
 async fn redirects_are_capped() {
-    let ports = free_ports(3);
+    let nsqd = ferry_nsqd_double::NsqdDouble::start(Default::default())
+        .await
+        .unwrap();
+    let ports = free_ports(4);
     let client = format!("127.0.0.1:{}", ports[0]);
     let ops = format!("127.0.0.1:{}", ports[1]);
-    let nodes = format!("1@{client}@{ops},2@{client}@127.0.0.1:1");
+    // Node 2 runs (so that the node list is confirmed) but the list says
+    // its clients dial node 1.
+    let nodes = format!("1@{client}@{ops},2@{client}@127.0.0.1:{}", ports[3]);
+    let common = [
+        format!("--cluster-nodes={nodes}"),
+        format!("--cluster-nsqd-tcp-addresses={}", nsqd.addr()),
+    ];
     let dir = tempfile::tempdir().unwrap();
     let node = ServerProcess::start_on(
         dir.path(),
         &client,
         &ops,
-        &[
-            "--cluster-node-id=1",
-            &format!("--cluster-nodes={nodes}"),
-            &format!("--cluster-nsqd-tcp-addresses=127.0.0.1:{}", ports[2]),
-        ],
+        &["--cluster-node-id=1", &common[0], &common[1]],
     )
+    .await;
+    let dir2 = tempfile::tempdir().unwrap();
+    let _node2 = ServerProcess::start_on(
+        dir2.path(),
+        &format!("127.0.0.1:{}", ports[2]),
+        &format!("127.0.0.1:{}", ports[3]),
+        &["--cluster-node-id=2", &common[0], &common[1]],
+    )
+    .await;
+    within(async {
+        while http(node.http, "GET", "/readyz", &[], None).await.status != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
     .await;
     let placement = Placement::new(
         1,
@@ -400,8 +319,8 @@ async fn redirects_are_capped() {
 
 #[tokio::test]
 async fn ferry_chat_follows_the_redirect() {
-    let cluster = Cluster::start().await;
-    let (home, user) = cluster.one_user_per_node().remove(0);
+    let cluster = TestCluster::start(3).await;
+    let (home, user) = one_user_per_node(&cluster).remove(0);
     let wrong = *cluster.nodes.keys().find(|&&id| id != home).unwrap();
     let out = within(
         tokio::process::Command::new(ferry_binary())
@@ -523,7 +442,7 @@ async fn bad_cluster_configs_are_refused_at_start() {
 /// connection, following the redirects, and counts them.
 #[tokio::test]
 async fn the_bench_harness_follows_redirects_into_a_cluster() {
-    let cluster = Cluster::start().await;
+    let cluster = TestCluster::start(3).await;
     let entry = &cluster.nodes[&1];
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("conns.json");
