@@ -698,8 +698,9 @@ async fn system_message(state: &AdminState, to: Target, body: &[u8]) -> ApiResul
         system: true,
     };
     match commit(state, op).await? {
-        Outcome::Sent { ack, fanouts, .. } => {
-            let recipients: usize = fanouts.iter().map(|f| f.targets.len()).sum();
+        Outcome::Sent {
+            ack, recipients, ..
+        } => {
             debug!(
                 ?to,
                 msg_id = ack.msg_id,

@@ -491,16 +491,13 @@ impl Router {
             if matches!(body, Body::Typing(_)) && !conn.typing_allowed() {
                 return;
             }
-            let reply_wanted = !matches!(body, Body::Read(_) | Body::Typing(_));
-            bus.call(
-                owner,
-                conn,
-                body,
-                slot,
-                request_id,
-                client_msg_id,
-                reply_wanted,
-            );
+            let waiter =
+                (!matches!(body, Body::Read(_) | Body::Typing(_))).then_some(bus::Waiter {
+                    slot,
+                    request_id,
+                    client_msg_id,
+                });
+            bus.call(owner, conn, body, waiter);
             return;
         }
         let result = match body {

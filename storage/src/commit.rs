@@ -395,7 +395,10 @@ pub enum Outcome {
         ack: proto::SendAck,
         /// A retransmit: nothing new was stored or is delivered.
         duplicate: bool,
-        /// What to deliver.
+        /// Inboxes written, on this node or staged for a peer's (cluster
+        /// mode), the sender's own copy excluded.
+        recipients: usize,
+        /// What to deliver (users homed on this node only).
         fanouts: Vec<Fanout>,
     },
     /// Recalled.
@@ -1193,6 +1196,7 @@ impl Worker {
                         seq: first.seq,
                     },
                     duplicate: true,
+                    recipients: 0,
                     fanouts: Vec::new(),
                 });
             }
@@ -1250,6 +1254,10 @@ impl Worker {
         };
         let mut sender_seq = 0;
         let mut others = Vec::with_capacity(recipients.len());
+        let written = recipients
+            .iter()
+            .filter(|user| system || **user != from)
+            .count();
         for user in &recipients {
             // A user homed on another node gets the entry there (cluster mode).
             let Some(seq) = self.put_entry(user, &pointer, state)? else {
@@ -1298,6 +1306,7 @@ impl Worker {
                 seq: sender_seq,
             },
             duplicate: false,
+            recipients: written,
             fanouts,
         })
     }

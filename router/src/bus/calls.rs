@@ -23,6 +23,17 @@ use crate::error_frame;
 use crate::session::{Conn, RequestSlot};
 
 /// A call waiting for its reply.
+/// What a forwarded request needs to answer its connection when the
+/// owner's reply (or the timeout) comes back.
+pub(crate) struct Waiter {
+    /// Held until the answer, so the connection's in-flight cap counts it.
+    pub slot: Option<RequestSlot>,
+    /// Echoed in the answer or the timeout error.
+    pub request_id: u64,
+    /// Echoed in the answer or the timeout error (sends).
+    pub client_msg_id: u64,
+}
+
 struct PendingCall {
     conn: Arc<Conn>,
     /// Released when the reply (or the timeout's error) is queued.
@@ -53,13 +64,12 @@ impl Calls {
     }
 
     /// Registers a call whose reply goes to `conn`; its id.
-    pub fn register(
-        &self,
-        conn: Arc<Conn>,
-        slot: Option<RequestSlot>,
-        request_id: u64,
-        client_msg_id: u64,
-    ) -> u64 {
+    pub fn register(&self, conn: Arc<Conn>, waiter: Waiter) -> u64 {
+        let Waiter {
+            slot,
+            request_id,
+            client_msg_id,
+        } = waiter;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.lock().expect("not poisoned").insert(
             id,

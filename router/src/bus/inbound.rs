@@ -64,6 +64,8 @@ pub(crate) struct InboundLink {
     pub resend_asked: Option<Instant>,
     /// `applied` changed (or a duplicate came) since the last confirmation.
     pub confirm_due: bool,
+    /// When the held batches were last TOUCHed (or the first was held).
+    pub held_touched: Option<Instant>,
 }
 
 impl InboundLink {
@@ -76,6 +78,7 @@ impl InboundLink {
             gap_since: None,
             resend_asked: None,
             confirm_due: applied > 0,
+            held_touched: None,
         }
     }
 }
@@ -110,6 +113,7 @@ impl InboundLink {
             self.submitted = 0;
             self.held.clear();
             self.gap_since = None;
+            self.held_touched = None;
         }
         if seq <= self.submitted {
             self.confirm_due = true;
@@ -125,6 +129,9 @@ impl InboundLink {
         if self.held.len() >= HELD_PER_PEER || self.held.contains_key(&seq) {
             return Arrival::Overflow;
         }
+        if self.held.is_empty() {
+            self.held_touched = Some(Instant::now());
+        }
         Arrival::Held
     }
 
@@ -135,6 +142,7 @@ impl InboundLink {
         self.submitted = next;
         if self.held.is_empty() {
             self.gap_since = None;
+            self.held_touched = None;
         }
         Some(entry)
     }
@@ -149,6 +157,20 @@ impl InboundLink {
             .is_some_and(|at| now - at < RESEND_ASK_INTERVAL);
         if gap_open && !asked_recently {
             self.resend_asked = Some(now);
+            return true;
+        }
+        false
+    }
+
+    /// Whether the held batches must be TOUCHed now so that nsqd does not
+    /// redeliver them while the gap stays open: every half msg timeout.
+    pub fn touch_due(&mut self, now: Instant) -> bool {
+        let Some((delivery, _)) = self.held.values().next() else {
+            return false;
+        };
+        let every = delivery.msg_timeout() / 2;
+        if self.held_touched.is_none_or(|at| now - at >= every) {
+            self.held_touched = Some(now);
             return true;
         }
         false

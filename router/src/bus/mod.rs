@@ -16,6 +16,7 @@ pub(crate) mod inbound;
 pub(crate) mod membership;
 pub(crate) mod outbound;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,9 +32,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::Reply;
-use crate::session::{Conn, RequestSlot};
+use crate::session::Conn;
 use crate::{Router, error_frame};
 
+pub(crate) use calls::Waiter;
 pub use outbound::OutboundConfig;
 
 use inbound::{Arrival, InboundLink, InboundLinks, LinkDone, LinkResult};
@@ -101,24 +103,45 @@ impl Homes for PlacementHomes {
 
 /// Metrics of the consuming side, resolved once.
 struct BusMetrics {
-    consumed: metrics::Counter,
+    /// Envelopes that are not usable (undecodable, not for this node, from a
+    /// node that is not a peer, a bad frame inside).
     rejected: metrics::Counter,
+    held: metrics::Counter,
+    per_peer: HashMap<NodeId, PeerMetrics>,
+}
+
+/// What one peer's envelopes did here, labelled `peer`.
+struct PeerMetrics {
+    consumed: metrics::Counter,
+    redelivered: metrics::Counter,
     duplicates: metrics::Counter,
     requeued: metrics::Counter,
-    held: metrics::Counter,
-    redelivered: metrics::Counter,
 }
 
 impl BusMetrics {
-    fn new() -> Self {
+    fn new(peers: &[NodeId]) -> Self {
+        let per_peer = peers
+            .iter()
+            .map(|&peer| {
+                let label = peer.to_string();
+                let metrics = PeerMetrics {
+                    consumed: metrics::counter!("ferry_bus_consumed_total", "peer" => label.clone()),
+                    redelivered: metrics::counter!("ferry_bus_redelivered_total", "peer" => label.clone()),
+                    duplicates: metrics::counter!("ferry_bus_link_duplicates_total", "peer" => label.clone()),
+                    requeued: metrics::counter!("ferry_bus_requeued_total", "peer" => label),
+                };
+                (peer, metrics)
+            })
+            .collect();
         BusMetrics {
-            consumed: metrics::counter!("ferry_bus_consumed_total"),
             rejected: metrics::counter!("ferry_bus_rejected_total"),
-            duplicates: metrics::counter!("ferry_bus_link_duplicates_total"),
-            requeued: metrics::counter!("ferry_bus_requeued_total"),
             held: metrics::counter!("ferry_bus_link_batches_held_total"),
-            redelivered: metrics::counter!("ferry_bus_redelivered_total"),
+            per_peer,
         }
+    }
+
+    fn peer(&self, peer: NodeId) -> Option<&PeerMetrics> {
+        self.per_peer.get(&peer)
     }
 }
 
@@ -160,6 +183,7 @@ impl Bus {
         let nodes: Vec<NodeId> = placement.nodes().iter().map(|n| n.id.get()).collect();
         let peers: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != this).collect();
         let epoch = storage.link_epoch()?;
+        let metrics = BusMetrics::new(&peers);
         let outbound = outbound::Outbound::load(storage, peers, config.outbound.clone())?;
         let producer = Producer::start(ProducerConfig::new(config.nsqd_publish.clone()));
         let stop = CancellationToken::new();
@@ -180,7 +204,7 @@ impl Bus {
             epoch,
             producer,
             outbound,
-            metrics: BusMetrics::new(),
+            metrics,
             stop,
             tasks: Mutex::new(tasks),
             done_tx,
@@ -234,24 +258,21 @@ impl Bus {
         self.producer.try_enqueue(&topic, bytes).is_ok()
     }
 
-    /// Forwards a client request to `owner` as a call. `reply_wanted`:
-    /// the connection waits for an answer (its slot is held until then).
+    /// Forwards a client request to `owner` as a call. With a `waiter` the
+    /// connection waits for an answer (its slot is held until then);
+    /// without one the call is fire-and-forget.
     pub(crate) fn call(
         &self,
         owner: NodeId,
         conn: &Arc<Conn>,
         body: Body,
-        slot: Option<RequestSlot>,
-        request_id: u64,
-        client_msg_id: u64,
-        reply_wanted: bool,
+        waiter: Option<calls::Waiter>,
     ) {
         let frame = Frame { body: Some(body) }.encode_to_vec();
-        let call_id = if reply_wanted {
-            self.calls
-                .register(conn.clone(), slot, request_id, client_msg_id)
-        } else {
-            0
+        let reply_wanted = waiter.is_some();
+        let call_id = match waiter {
+            Some(waiter) => self.calls.register(conn.clone(), waiter),
+            None => 0,
         };
         let call = bus::Call {
             call_id,
@@ -370,14 +391,10 @@ impl Bus {
             tokio::select! {
                 delivery = consumer.recv() => {
                     let Some(delivery) = delivery else { break };
-                    self.metrics.consumed.increment(1);
-                    if delivery.attempts() > 1 {
-                        self.metrics.redelivered.increment(1);
-                    }
                     self.on_delivery(delivery, &mut links, &router).await;
                 }
                 Some(done) = done_rx.recv() => self.on_link_done(done, &mut links, &router).await,
-                _ = confirm_tick.tick() => self.confirm_and_ask(&mut links),
+                _ = confirm_tick.tick() => self.confirm_and_ask(&mut links).await,
                 _ = self.stop.cancelled() => break,
             }
         }
@@ -431,7 +448,17 @@ impl Bus {
             let _ = delivery.fin().await;
             return;
         }
-        let Some(body) = envelope.body else { return };
+        if let Some(peer) = self.metrics.peer(from) {
+            peer.consumed.increment(1);
+            if delivery.attempts() > 1 {
+                peer.redelivered.increment(1);
+            }
+        }
+        let Some(body) = envelope.body else {
+            // Checked by the decoder; FIN so that nsqd never redelivers it.
+            let _ = delivery.fin().await;
+            return;
+        };
         match body {
             BusBody::LinkBatch(batch) => {
                 self.on_link_batch(from, delivery, batch, links, router)
@@ -516,7 +543,9 @@ impl Bus {
                 }
             }
             Arrival::Duplicate => {
-                self.metrics.duplicates.increment(1);
+                if let Some(peer) = self.metrics.peer(from) {
+                    peer.duplicates.increment(1);
+                }
                 let _ = delivery.fin().await;
             }
             Arrival::Held => {
@@ -588,11 +617,15 @@ impl Bus {
                 let _ = delivery.fin().await;
             }
             LinkResult::NotNext => {
-                self.metrics.requeued.increment(1);
+                if let Some(peer) = self.metrics.peer(origin) {
+                    peer.requeued.increment(1);
+                }
                 let _ = delivery.req(Duration::from_millis(100)).await;
             }
             LinkResult::Failed => {
-                self.metrics.requeued.increment(1);
+                if let Some(peer) = self.metrics.peer(origin) {
+                    peer.requeued.increment(1);
+                }
                 let _ = delivery.req_backoff().await;
             }
         }
@@ -604,9 +637,14 @@ impl Bus {
     }
 
     /// Confirms applied positions and asks for resends of open gaps.
-    fn confirm_and_ask(&self, links: &mut InboundLinks) {
+    async fn confirm_and_ask(&self, links: &mut InboundLinks) {
         let now = Instant::now();
         for (&peer, link) in links.iter_mut() {
+            if link.touch_due(now) {
+                for (delivery, _) in link.held.values() {
+                    let _ = delivery.touch().await;
+                }
+            }
             if link.confirm_due {
                 let sent = self.publish_now(
                     peer,
