@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::cluster::ClusterMap;
 use crate::hist::Hist;
 use crate::payload::{Payload, now_ns};
 
@@ -43,8 +44,10 @@ pub const OUT_QUEUE: usize = 256;
 /// worker processes as part of their job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Fleet {
-    /// The server's client listener.
+    /// The server's client listener (in a spawned cluster, node 1's).
     pub addr: SocketAddr,
+    /// A spawned cluster: where each user dials first.
+    pub cluster: Option<ClusterMap>,
     /// JWT secret.
     pub secret: Vec<u8>,
     /// Prefix of the user ids of this run.
@@ -67,6 +70,20 @@ impl Fleet {
         user_id(&self.run_id, index)
     }
 
+    /// The address user `index` dials first: in a spawned cluster as
+    /// `--entry` says, else the server's.
+    pub fn dial(&self, index: u32) -> SocketAddr {
+        match &self.cluster {
+            Some(map) => map.dial(&self.user_id(index), index),
+            None => self.addr,
+        }
+    }
+
+    /// The home node of user `index` in a spawned cluster.
+    pub fn home(&self, index: u32) -> Option<u16> {
+        self.cluster.as_ref().map(|m| m.home(&self.user_id(index)))
+    }
+
     /// A DIRECT conversation with user `index`.
     pub fn direct_to(&self, index: u32) -> proto::Conversation {
         proto::Conversation {
@@ -84,7 +101,7 @@ impl Fleet {
         skip_sync: bool,
     ) -> anyhow::Result<(FrameReader, FrameWriter, proto::AuthOk)> {
         connect_login(
-            self.addr,
+            self.dial(index),
             self.source_ips,
             index,
             tokens.get(index),

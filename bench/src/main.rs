@@ -1,7 +1,8 @@
 //! `ferry-bench`: the load harness of ferry.
 //!
 //! Thousands of real TCP clients against a ferry server (spawned for the run
-//! with `--spawn`, or running at `--server`), with HDR latency histograms,
+//! with `--spawn`, a local cluster of N nodes and an nsqd with
+//! `--spawn-cluster N`, or running at `--server`), with HDR latency histograms,
 //! the server's CPU and memory from `/proc`, its own figures from its
 //! `/metrics`, and every figure as JSON.
 //! Scenarios: `conns`, `direct`, `group`, `floor` (bare-socket baseline),
@@ -9,6 +10,7 @@
 //! Run `ferry-bench <scenario> --help` for the options.
 
 mod clients;
+mod cluster;
 mod hist;
 mod payload;
 mod procfs;

@@ -4,7 +4,6 @@
 //! CPU is `utime + stime` from `/proc/<pid>/stat`; 100 % means one core
 //! busy. Memory is `VmRSS` from `/proc/<pid>/status`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,44 +45,189 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
-/// The processes a [`Sampler`] watches. Both sets can change while it runs
-/// (worker processes start, the server restarts).
+/// What a watched process is, for the figures that sum over a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A ferry server under test (every node of a cluster).
+    Server,
+    /// The nsqd (or its test double) of a spawned cluster.
+    Nsqd,
+    /// The harness: this process and its worker processes.
+    Harness,
+}
+
+/// The processes a [`Sampler`] starts with; more can be added while it
+/// runs ([`Sampler::watch`]), and a server's pid changes on a restart
+/// ([`Sampler::set_pid`]).
 #[derive(Debug, Default)]
 pub struct Watched {
-    /// The server under test, if known.
+    /// The server under test, if known (watched as `server`).
     pub server: Option<u32>,
-    /// The harness: this process and its worker processes.
+    /// The harness: this process first (`harness`), then worker processes.
     pub harness: Vec<u32>,
 }
 
+/// One watched process, across its restarts.
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    role: Role,
+    pid: u32,
+    /// Times a process was started under this name (restarts + 1).
+    starts: u32,
+    /// CPU ticks of earlier incarnations (before a restart).
+    earlier_ticks: u64,
+    /// Last reading of the current incarnation.
+    ticks: u64,
+    /// `earlier_ticks + ticks` when watching began: windows count from there.
+    base_ticks: u64,
+    rss_kib: Option<u64>,
+    peak_rss_kib: Option<u64>,
+}
+
+impl Proc {
+    fn total_ticks(&self) -> u64 {
+        self.earlier_ticks + self.ticks
+    }
+
+    /// Reads `/proc` now; keeps the last values of a process that is gone.
+    fn read(&mut self) {
+        if let Some(t) = cpu_ticks(self.pid) {
+            self.ticks = self.ticks.max(t);
+        }
+        self.rss_kib = rss_kib(self.pid);
+        if let Some(r) = self.rss_kib {
+            self.peak_rss_kib = Some(self.peak_rss_kib.map_or(r, |p| p.max(r)));
+        }
+    }
+}
+
 /// One reading.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     at_ns: u64,
-    /// Cumulative CPU seconds of the server since sampling began (across restarts).
-    server_cpu_s: f64,
-    server_rss_kib: Option<u64>,
-    /// Cumulative CPU seconds of the harness processes since sampling began.
-    harness_cpu_s: f64,
+    /// Per watched process (index as in `State::procs`), CPU seconds
+    /// since it began to be watched, across restarts.
+    cpu_s: Vec<f64>,
+    /// Per watched process, resident memory now (KiB).
+    rss_kib: Vec<Option<u64>>,
+}
+
+/// CPU of one process over a window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessUsage {
+    /// Name (`node 2`, `nsqd`, `harness`, …).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Average CPU, % of one core.
+    pub cpu_pct: f64,
 }
 
 /// CPU and memory over a time window.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Usage {
     /// Seconds covered.
     pub seconds: f64,
-    /// Average CPU of the server, % of one core (`None` when not watched).
+    /// Average CPU of the server, % of one core; every node of a cluster
+    /// together (`None` when not watched).
     pub server_cpu_pct: Option<f64>,
-    /// Peak resident memory of the server, MiB.
+    /// Peak resident memory of the server (every node together), MiB.
     pub server_peak_rss_mib: Option<f64>,
     /// Average CPU of the harness (all its processes), % of one core.
     pub harness_cpu_pct: f64,
+    /// Average CPU of the nsqd of a spawned cluster, % of one core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nsqd_cpu_pct: Option<f64>,
+    /// Every watched process on its own.
+    pub processes: Vec<ProcessUsage>,
+}
+
+impl Usage {
+    /// The servers' CPU one by one (`node 1: 80%, …`) when there are
+    /// several (a cluster); `None` for a single server.
+    pub fn per_server(&self) -> Option<String> {
+        let servers: Vec<&ProcessUsage> = self
+            .processes
+            .iter()
+            .filter(|p| p.role == Role::Server)
+            .collect();
+        (servers.len() > 1).then(|| {
+            servers
+                .iter()
+                .map(|p| format!("{} {:.0}%", p.name, p.cpu_pct))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+    }
+}
+
+/// CPU time and memory of one process over the whole run, read from
+/// `/proc/PID/stat` and `/proc/PID/status` at the end.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessFigures {
+    /// Name (`node 2`, `nsqd`, `harness`, …).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Pid of the last incarnation.
+    pub pid: u32,
+    /// Times started (a node killed and restarted: 2).
+    pub starts: u32,
+    /// `utime + stime` of every incarnation, seconds.
+    pub cpu_secs: f64,
+    /// Resident memory at the end, MiB (`None`: already exited).
+    pub rss_mib: Option<f64>,
+    /// Highest resident memory seen while sampling, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    procs: Vec<Proc>,
+    samples: Vec<Sample>,
+}
+
+impl State {
+    fn add(&mut self, name: String, role: Role, pid: u32) {
+        let mut p = Proc {
+            name,
+            role,
+            pid,
+            starts: 1,
+            earlier_ticks: 0,
+            ticks: 0,
+            base_ticks: 0,
+            rss_kib: None,
+            peak_rss_kib: None,
+        };
+        p.read();
+        p.base_ticks = p.total_ticks();
+        self.procs.push(p);
+    }
+
+    fn sample(&mut self, hz: f64) {
+        for p in &mut self.procs {
+            p.read();
+        }
+        let sample = Sample {
+            at_ns: now_ns(),
+            cpu_s: self
+                .procs
+                .iter()
+                .map(|p| p.total_ticks().saturating_sub(p.base_ticks) as f64 / hz)
+                .collect(),
+            rss_kib: self.procs.iter().map(|p| p.rss_kib).collect(),
+        };
+        self.samples.push(sample);
+    }
 }
 
 /// Samples the watched processes every [`SAMPLE_EVERY`] until dropped.
 pub struct Sampler {
-    watched: Arc<Mutex<Watched>>,
-    samples: Arc<Mutex<Vec<Sample>>>,
+    state: Arc<Mutex<State>>,
+    hz: f64,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -93,83 +237,113 @@ impl Drop for Sampler {
     }
 }
 
-/// Per-pid bookkeeping that turns per-process tick counters into one
-/// cumulative counter that survives processes coming and going.
-#[derive(Default)]
-struct Accumulator {
-    last: HashMap<u32, u64>,
-    total_ticks: u64,
-}
-
-impl Accumulator {
-    fn update(&mut self, pids: &[u32]) {
-        let mut seen = HashMap::with_capacity(pids.len());
-        for &pid in pids {
-            if let Some(t) = cpu_ticks(pid) {
-                // A pid seen for the first time contributes from now on.
-                let prev = self.last.get(&pid).copied().unwrap_or(t);
-                self.total_ticks += t.saturating_sub(prev);
-                seen.insert(pid, t);
-            }
-        }
-        self.last = seen;
-    }
-}
-
 impl Sampler {
     /// Starts sampling (call inside a tokio runtime).
     pub fn start(watched: Watched) -> Sampler {
-        let watched = Arc::new(Mutex::new(watched));
-        let samples = Arc::new(Mutex::new(Vec::new()));
+        let hz = ticks_per_sec();
+        let state = Arc::new(Mutex::new(State::default()));
+        {
+            let mut s = state.lock().expect("sampler lock");
+            if let Some(pid) = watched.server {
+                s.add("server".into(), Role::Server, pid);
+            }
+            for (k, &pid) in watched.harness.iter().enumerate() {
+                let name = if k == 0 {
+                    "harness".into()
+                } else {
+                    format!("harness worker {k}")
+                };
+                s.add(name, Role::Harness, pid);
+            }
+        }
         let task = {
-            let watched = watched.clone();
-            let samples = samples.clone();
+            let state = state.clone();
             tokio::spawn(async move {
-                let hz = ticks_per_sec();
-                let mut server = Accumulator::default();
-                let mut harness = Accumulator::default();
                 let mut tick = tokio::time::interval(SAMPLE_EVERY);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    let (server_pid, harness_pids) = {
-                        let w = watched.lock().expect("watched lock");
-                        (w.server, w.harness.clone())
-                    };
-                    server.update(server_pid.as_slice());
-                    harness.update(&harness_pids);
-                    let sample = Sample {
-                        at_ns: now_ns(),
-                        server_cpu_s: server.total_ticks as f64 / hz,
-                        server_rss_kib: server_pid.and_then(rss_kib),
-                        harness_cpu_s: harness.total_ticks as f64 / hz,
-                    };
-                    samples.lock().expect("samples lock").push(sample);
+                    state.lock().expect("sampler lock").sample(hz);
                 }
             })
         };
-        Sampler {
-            watched,
-            samples,
-            task,
+        Sampler { state, hz, task }
+    }
+
+    /// Watches one more process under `name`.
+    pub fn watch(&self, name: impl Into<String>, role: Role, pid: u32) {
+        self.state
+            .lock()
+            .expect("sampler lock")
+            .add(name.into(), role, pid);
+    }
+
+    /// The process watched as `name` was restarted as `pid`: its CPU goes
+    /// on adding up. Call [`Sampler::refresh`] just before killing the old
+    /// one, so that its last CPU time is read.
+    pub fn set_pid(&self, name: &str, pid: u32) {
+        let mut s = self.state.lock().expect("sampler lock");
+        if let Some(p) = s.procs.iter_mut().find(|p| p.name == name) {
+            p.earlier_ticks += p.ticks;
+            p.ticks = 0;
+            p.pid = pid;
+            p.starts += 1;
+            p.read();
         }
     }
 
-    /// Changes the server pid (after a restart).
+    /// Changes the pid of the single server (after a restart).
     pub fn set_server(&self, pid: Option<u32>) {
-        self.watched.lock().expect("watched lock").server = pid;
+        if let Some(pid) = pid {
+            self.set_pid("server", pid);
+        }
     }
 
     /// Adds harness worker processes.
     pub fn add_harness(&self, pids: &[u32]) {
-        let mut w = self.watched.lock().expect("watched lock");
-        w.harness.extend_from_slice(pids);
+        let mut s = self.state.lock().expect("sampler lock");
+        for &pid in pids {
+            let k = s.procs.iter().filter(|p| p.role == Role::Harness).count();
+            s.add(format!("harness worker {k}"), Role::Harness, pid);
+        }
     }
 
-    /// The server's resident memory right now, in KiB.
+    /// Takes a sample now (before a process exits or is killed, so that
+    /// its CPU time up to then is counted).
+    pub fn refresh(&self) {
+        self.state.lock().expect("sampler lock").sample(self.hz);
+    }
+
+    /// The server's resident memory right now, in KiB (every node of a
+    /// cluster together).
     pub fn server_rss_now(&self) -> Option<u64> {
-        let pid = self.watched.lock().expect("watched lock").server;
-        pid.and_then(rss_kib)
+        let s = self.state.lock().expect("sampler lock");
+        let rss: Vec<u64> = s
+            .procs
+            .iter()
+            .filter(|p| p.role == Role::Server)
+            .filter_map(|p| rss_kib(p.pid))
+            .collect();
+        (!rss.is_empty()).then(|| rss.iter().sum())
+    }
+
+    /// Every process's CPU time and memory so far (reads `/proc` now).
+    pub fn processes(&self) -> Vec<ProcessFigures> {
+        let mut s = self.state.lock().expect("sampler lock");
+        s.sample(self.hz);
+        let to_mib = |k: Option<u64>| k.map(|k| k as f64 / 1024.0);
+        s.procs
+            .iter()
+            .map(|p| ProcessFigures {
+                name: p.name.clone(),
+                role: p.role,
+                pid: p.pid,
+                starts: p.starts,
+                cpu_secs: p.total_ticks() as f64 / self.hz,
+                rss_mib: to_mib(p.rss_kib),
+                peak_rss_mib: to_mib(p.peak_rss_kib),
+            })
+            .collect()
     }
 
     /// Usage between two `now_ns()` instants. Waits for the sample that
@@ -178,9 +352,10 @@ impl Sampler {
         // Make sure a sample at or after `to_ns` exists.
         for _ in 0..10 {
             let done = self
-                .samples
+                .state
                 .lock()
-                .expect("samples lock")
+                .expect("sampler lock")
+                .samples
                 .last()
                 .is_some_and(|s| s.at_ns >= to_ns);
             if done {
@@ -188,8 +363,8 @@ impl Sampler {
             }
             tokio::time::sleep(SAMPLE_EVERY / 4).await;
         }
-        let server_watched = self.watched.lock().expect("watched lock").server.is_some();
-        let samples = self.samples.lock().expect("samples lock");
+        let s = self.state.lock().expect("sampler lock");
+        let samples = &s.samples;
         // The last sample at or before the start, and the first at or after the end.
         let first = samples
             .iter()
@@ -201,23 +376,53 @@ impl Sampler {
             return Usage::default();
         };
         let seconds = (last.at_ns.saturating_sub(first.at_ns)) as f64 / 1e9;
-        let pct = |a: f64, b: f64| {
+        // A process watched after `first` was taken counts from 0 there.
+        let cpu = |sample: &Sample, i: usize| sample.cpu_s.get(i).copied().unwrap_or(0.0);
+        let pct = |i: usize| {
             if seconds > 0.0 {
-                (b - a) / seconds * 100.0
+                (cpu(last, i) - cpu(first, i)).max(0.0) / seconds * 100.0
             } else {
                 0.0
             }
         };
+        let processes: Vec<ProcessUsage> = s
+            .procs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ProcessUsage {
+                name: p.name.clone(),
+                role: p.role,
+                cpu_pct: pct(i),
+            })
+            .collect();
+        let role_pct = |role: Role| {
+            let mut of_role = processes.iter().filter(|p| p.role == role).peekable();
+            of_role
+                .peek()
+                .is_some()
+                .then(|| of_role.map(|p| p.cpu_pct).sum::<f64>())
+        };
+        let servers: Vec<usize> = (0..s.procs.len())
+            .filter(|&i| s.procs[i].role == Role::Server)
+            .collect();
         let peak = samples
             .iter()
-            .filter(|s| s.at_ns >= first.at_ns && s.at_ns <= last.at_ns)
-            .filter_map(|s| s.server_rss_kib)
+            .filter(|x| x.at_ns >= first.at_ns && x.at_ns <= last.at_ns)
+            .filter_map(|x| {
+                let rss: Vec<u64> = servers
+                    .iter()
+                    .filter_map(|&i| x.rss_kib.get(i).copied().flatten())
+                    .collect();
+                (!rss.is_empty()).then(|| rss.iter().sum::<u64>())
+            })
             .max();
         Usage {
             seconds,
-            server_cpu_pct: server_watched.then(|| pct(first.server_cpu_s, last.server_cpu_s)),
+            server_cpu_pct: role_pct(Role::Server),
             server_peak_rss_mib: peak.map(|k| k as f64 / 1024.0),
-            harness_cpu_pct: pct(first.harness_cpu_s, last.harness_cpu_s),
+            harness_cpu_pct: role_pct(Role::Harness).unwrap_or(0.0),
+            nsqd_cpu_pct: role_pct(Role::Nsqd),
+            processes,
         }
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::hist::{Summary, fmt_us};
-use crate::procfs::Usage;
+use crate::procfs::{ProcessFigures, Usage};
 
 /// What a scenario produced.
 pub struct Outcome {
@@ -124,10 +124,46 @@ pub fn usage_rows(table: &mut Table, label: &str, u: &Usage) {
             .map(|p| format!("{p:.0}% of one core"))
             .unwrap_or_else(|| "n/a (give --server-pid)".into()),
     );
+    if let Some(nodes) = u.per_server() {
+        table.row(&format!("node CPU, {label}"), nodes);
+    }
+    if let Some(p) = u.nsqd_cpu_pct {
+        table.row(
+            &format!("nsqd CPU, {label}"),
+            format!("{p:.0}% of one core"),
+        );
+    }
     table.row(
         &format!("harness CPU, {label}"),
         format!("{:.0}% of one core", u.harness_cpu_pct),
     );
+}
+
+/// The table of every process's CPU time and memory over the run.
+pub fn process_table(processes: &[ProcessFigures]) -> Table {
+    let mut t = Table::with_header(
+        "processes: CPU time (utime + stime) and memory over the run",
+        &[
+            "process",
+            "pid",
+            "starts",
+            "CPU s",
+            "RSS at end",
+            "peak RSS",
+        ],
+    );
+    for p in processes {
+        t.cells(vec![
+            p.name.clone(),
+            p.pid.to_string(),
+            p.starts.to_string(),
+            format!("{:.2}", p.cpu_secs),
+            p.rss_mib
+                .map_or_else(|| "exited".into(), |m| format!("{m:.1} MiB")),
+            mib(p.peak_rss_mib),
+        ]);
+    }
+    t
 }
 
 /// Formats a MiB figure.

@@ -33,6 +33,21 @@ const MAX_RESPONSE: u64 = 16 << 20;
 /// (`reason="disconnected"`; empty without labels).
 type Series = (String, String);
 
+/// The label [`Snapshot::of_nodes`] puts first on every series of a node.
+const NODE_LABEL: &str = "ferry_bench_node";
+
+/// `labels` without a leading `ferry_bench_node="ID"`.
+fn without_node_label(labels: &str) -> String {
+    match labels.strip_prefix(NODE_LABEL) {
+        Some(rest) => {
+            let rest = rest.strip_prefix("=\"").unwrap_or(rest);
+            let rest = rest.split_once('"').map_or("", |(_, after)| after);
+            rest.strip_prefix(',').unwrap_or(rest).to_owned()
+        }
+        None => labels.to_owned(),
+    }
+}
+
 /// A cumulative histogram as Prometheus exposes it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Histogram {
@@ -191,12 +206,93 @@ impl Snapshot {
                     .unwrap_or_default();
                 (value, *v)
             })
-            .collect();
+            .fold(BTreeMap::new(), |mut by, (value, v)| {
+                // One series per node in a cluster's snapshot: add them up.
+                *by.entry(value).or_default() += v;
+                by
+            });
         (!by.is_empty()).then_some(by)
     }
 
-    fn histogram(&self, name: &str) -> Option<&Histogram> {
-        self.histograms.get(&(name.to_owned(), String::new()))
+    /// The histogram without labels (every node's together in a
+    /// cluster's snapshot).
+    fn histogram(&self, name: &str) -> Option<Histogram> {
+        self.histogram_where(name, |labels| labels.is_empty())
+    }
+
+    /// The histogram summed over every label set (e.g. every peer).
+    fn histogram_all(&self, name: &str) -> Option<Histogram> {
+        self.histogram_where(name, |_| true)
+    }
+
+    fn histogram_where(&self, name: &str, keep: impl Fn(&str) -> bool) -> Option<Histogram> {
+        self.histograms
+            .iter()
+            .filter(|((n, labels), _)| n == name && keep(without_node_label(labels).as_str()))
+            .map(|(_, h)| h.clone())
+            .reduce(|a, b| a.plus(&b))
+    }
+
+    /// A gauge summed over its label sets (every node's, every peer's).
+    fn gauge_total(&self, name: &str) -> Option<f64> {
+        let mut values = self.gauges.iter().filter(|((n, _), _)| n == name);
+        let first = values.next()?.1;
+        Some(first + values.map(|(_, v)| v).sum::<f64>())
+    }
+
+    /// Every node's scrape as one snapshot: each series gets the label
+    /// `ferry_bench_node="ID"`, so that [`change`] works node by node (a
+    /// restarted node's counters start over without hiding the others')
+    /// and the figures sum over the nodes.
+    pub fn of_nodes(nodes: Vec<(u16, Snapshot)>) -> Snapshot {
+        let mut out = Snapshot::default();
+        for (id, snap) in nodes {
+            let label = |(name, labels): Series| {
+                let node = format!("{NODE_LABEL}=\"{id}\"");
+                let labels = if labels.is_empty() {
+                    node
+                } else {
+                    format!("{node},{labels}")
+                };
+                (name, labels)
+            };
+            out.counters
+                .extend(snap.counters.into_iter().map(|(k, v)| (label(k), v)));
+            out.gauges
+                .extend(snap.gauges.into_iter().map(|(k, v)| (label(k), v)));
+            out.histograms
+                .extend(snap.histograms.into_iter().map(|(k, v)| (label(k), v)));
+        }
+        out
+    }
+
+    /// Without node `id`'s series: what to compare a restarted node's new
+    /// process with (everything it counts is new).
+    pub fn without_node(&self, id: u16) -> Snapshot {
+        let prefix = format!("{NODE_LABEL}=\"{id}\"");
+        let keep = |(_, labels): &Series| {
+            !(labels == &prefix || labels.starts_with(&format!("{prefix},")))
+        };
+        Snapshot {
+            counters: self
+                .counters
+                .iter()
+                .filter(|&(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            gauges: self
+                .gauges
+                .iter()
+                .filter(|&(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            histograms: self
+                .histograms
+                .iter()
+                .filter(|&(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
     }
 }
 
@@ -302,6 +398,29 @@ pub struct ServerFigures {
     pub connections_closed: Option<BTreeMap<String, u64>>,
     /// Connections open at the end (`ferry_connections_open`).
     pub connections_open: Option<u64>,
+    /// The cluster bus (every node together); `None` on a single node.
+    pub bus: Option<BusFigures>,
+}
+
+/// What the NSQ bus of a cluster did over one phase, every node together.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BusFigures {
+    /// Link batches published to peers (`ferry_bus_link_batches_published_total`).
+    pub batches_published: Option<u64>,
+    /// Link batches published again (resend timer, start-up, resend asks).
+    pub batches_resent: Option<u64>,
+    /// NSQ messages consumed (`ferry_bus_consumed_total`).
+    pub consumed: u64,
+    /// Link batches dropped as already applied (`ferry_bus_link_duplicates_total`).
+    pub duplicates: Option<u64>,
+    /// Failed publishes (`ferry_bus_publish_failures_total`).
+    pub publish_failures: Option<u64>,
+    /// Calls to a group's owner that timed out (`ferry_bus_call_timeouts_total`).
+    pub call_timeouts: Option<u64>,
+    /// Publish to confirmation of a link batch (`ferry_bus_confirm_seconds`, every peer).
+    pub confirm: Option<LatencyFigures>,
+    /// Unconfirmed outbox entries at the end (`ferry_bus_outbox_entries`).
+    pub outbox_entries: Option<u64>,
 }
 
 impl ServerFigures {
@@ -313,7 +432,8 @@ impl ServerFigures {
         let whole = |v: f64| v.round().max(0.0) as u64;
         let total = |name: &str| c.counter_total(name).map(whole);
         let batch = c.histogram("ferry_commit_batch_ops");
-        let latency = |name: &str| c.histogram(name).map(LatencyFigures::of);
+        let batch = batch.as_ref();
+        let latency = |name: &str| c.histogram(name).as_ref().map(LatencyFigures::of);
         ServerFigures {
             available: true,
             commit_batches: batch.map(|h| whole(h.count)),
@@ -334,10 +454,22 @@ impl ServerFigures {
                         .filter(|&(_, v)| v > 0)
                         .collect()
                 }),
-            connections_open: c
-                .gauges
-                .get(&("ferry_connections_open".to_owned(), String::new()))
-                .map(|&v| whole(v)),
+            connections_open: c.gauge_total("ferry_connections_open").map(whole),
+            bus: c
+                .counter_total("ferry_bus_consumed_total")
+                .map(|consumed| BusFigures {
+                    batches_published: total("ferry_bus_link_batches_published_total"),
+                    batches_resent: total("ferry_bus_link_batches_resent_total"),
+                    consumed: whole(consumed),
+                    duplicates: total("ferry_bus_link_duplicates_total"),
+                    publish_failures: total("ferry_bus_publish_failures_total"),
+                    call_timeouts: total("ferry_bus_call_timeouts_total"),
+                    confirm: c
+                        .histogram_all("ferry_bus_confirm_seconds")
+                        .as_ref()
+                        .map(LatencyFigures::of),
+                    outbox_entries: c.gauge_total("ferry_bus_outbox_entries").map(whole),
+                }),
         }
     }
 
@@ -358,7 +490,7 @@ impl ServerFigures {
                 format!("{} / {} / {}", s(l.p50_s), s(l.p99_s), s(l.mean_s))
             }
         };
-        vec![
+        let mut rows = vec![
             (
                 "server: commit batches / mean ops",
                 match (self.commit_batches, self.commit_mean_ops) {
@@ -404,7 +536,30 @@ impl ServerFigures {
                 },
             ),
             ("server: connections open (end)", opt(self.connections_open)),
-        ]
+        ];
+        if let Some(bus) = &self.bus {
+            rows.extend([
+                (
+                    "bus: link batches published / resent",
+                    format!(
+                        "{} / {}",
+                        opt(bus.batches_published),
+                        opt(bus.batches_resent)
+                    ),
+                ),
+                (
+                    "bus: consumed / duplicates dropped",
+                    format!("{} / {}", count(bus.consumed), opt(bus.duplicates)),
+                ),
+                (
+                    "bus: publish failures / call timeouts",
+                    format!("{} / {}", opt(bus.publish_failures), opt(bus.call_timeouts)),
+                ),
+                ("bus: publish→confirm p50/p99/mean", latency(&bus.confirm)),
+                ("bus: outbox entries (end)", opt(bus.outbox_entries)),
+            ]);
+        }
+        rows
     }
 
     /// Adds the rows to a `label  value` table.
@@ -444,6 +599,16 @@ pub async fn scrape(addr: SocketAddr) -> Option<Snapshot> {
 
 /// `GET path` over one HTTP/1.1 connection; the body of a 200 answer.
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let (status, body) = get_any(addr, path).await?;
+    if status != 200 {
+        bail!("answered {status}: {}", body.trim());
+    }
+    Ok(body)
+}
+
+/// `GET path` over one HTTP/1.1 connection: the status code and the body,
+/// whatever the status (e.g. `/readyz`'s 503 with its reason).
+pub async fn get_any(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
@@ -463,9 +628,9 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     parse_response(&raw)
 }
 
-/// The body of a complete HTTP/1.1 response with status 200, de-chunked
-/// when sent chunked, cut at `Content-Length` when there is one.
-fn parse_response(raw: &[u8]) -> anyhow::Result<String> {
+/// The status and body of a complete HTTP/1.1 response, the body
+/// de-chunked when sent chunked, cut at `Content-Length` when there is one.
+fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -475,9 +640,10 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<String> {
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap_or_default();
     let code = status.split_whitespace().nth(1).unwrap_or_default();
-    if !status.starts_with("HTTP/1.") || code != "200" {
-        bail!("answered {status:?}");
-    }
+    let code: u16 = match code.parse() {
+        Ok(code) if status.starts_with("HTTP/1.") => code,
+        _ => bail!("not an HTTP/1.x status line: {status:?}"),
+    };
     let header = |name: &str| {
         lines.clone().find_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -494,7 +660,8 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<String> {
     } else {
         body.to_vec()
     };
-    String::from_utf8(body).context("/metrics is not UTF-8")
+    let body = String::from_utf8(body).context("the body is not UTF-8")?;
+    Ok((code, body))
 }
 
 /// Decodes a chunked body (`SIZE-IN-HEX\r\nDATA\r\n`…`0\r\n\r\n`).
@@ -725,12 +892,13 @@ ferry_send_ack_seconds_count 300
     #[test]
     fn http_responses() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
-        assert_eq!(parse_response(plain).unwrap(), "hello");
+        assert_eq!(parse_response(plain).unwrap(), (200, "hello".into()));
         let chunked =
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), "hello");
-        let err = parse_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\nno").unwrap_err();
-        assert!(err.to_string().contains("503"), "{err}");
+        assert_eq!(parse_response(chunked).unwrap(), (200, "hello".into()));
+        let unready = parse_response(b"HTTP/1.1 503 Service Unavailable\r\n\r\nno").unwrap();
+        assert_eq!(unready, (503, "no".into()));
+        assert!(parse_response(b"SSH-2.0 x\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort").is_err());
     }

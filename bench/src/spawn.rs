@@ -20,15 +20,22 @@ use tokio::process::{Child, Command};
 /// How long a child may take to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A started child and the `key=value` words of its listening line.
-struct Listening {
-    child: Child,
-    pid: u32,
-    words: HashMap<String, String>,
+/// A started child and its listening line.
+pub(crate) struct Listening {
+    pub(crate) child: Child,
+    pub(crate) pid: u32,
+    /// The `key=value` words after the prefix.
+    pub(crate) words: HashMap<String, String>,
+    /// The line after the prefix.
+    pub(crate) rest: String,
 }
 
 /// Starts `cmd` and waits for a stdout line beginning with `prefix`.
-async fn spawn_listening(mut cmd: Command, prefix: &str, what: &str) -> anyhow::Result<Listening> {
+pub(crate) async fn spawn_listening(
+    mut cmd: Command,
+    prefix: &str,
+    what: &str,
+) -> anyhow::Result<Listening> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
@@ -56,15 +63,21 @@ async fn spawn_listening(mut cmd: Command, prefix: &str, what: &str) -> anyhow::
     };
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let words = line[prefix.len()..]
+    let rest = line[prefix.len()..].trim().to_owned();
+    let words = rest
         .split_whitespace()
         .filter_map(|w| w.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    Ok(Listening { child, pid, words })
+    Ok(Listening {
+        child,
+        pid,
+        words,
+        rest,
+    })
 }
 
-fn addr_word(words: &HashMap<String, String>, key: &str) -> anyhow::Result<SocketAddr> {
+pub(crate) fn addr_word(words: &HashMap<String, String>, key: &str) -> anyhow::Result<SocketAddr> {
     let raw = words
         .get(key)
         .with_context(|| format!("no {key}= in the listening line"))?;
@@ -74,7 +87,7 @@ fn addr_word(words: &HashMap<String, String>, key: &str) -> anyhow::Result<Socke
 }
 
 /// Sends SIGTERM and waits up to `grace`, then SIGKILL.
-async fn stop_child(child: &mut Child, pid: u32, grace: Duration) {
+pub(crate) async fn stop_child(child: &mut Child, pid: u32, grace: Duration) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
@@ -233,7 +246,7 @@ impl FerryServer {
 }
 
 /// The last `n` lines of a file, for error messages.
-fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let lines: Vec<&str> = text.lines().collect();

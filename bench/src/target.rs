@@ -1,8 +1,11 @@
 //! Where the server under test is: a `ferry serve` child started for the
-//! run (`--spawn`), or a running server (`--server`, with `--http` for its
-//! ops port). Also the options every scenario shares, the token secret, and
-//! scraping the server's `/metrics`.
+//! run (`--spawn`), a local cluster of N nodes and an nsqd started for the
+//! run (`--spawn-cluster N`, see [`crate::cluster`]), or a running server
+//! (`--server`, with `--http` for its ops port). Also the options every
+//! scenario shares, the token secret, and scraping the server's (every
+//! node's) `/metrics`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -10,7 +13,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
 
-use crate::procfs::{Sampler, Watched};
+use crate::cluster::{ClusterMap, Entry, LocalCluster, NsqdKind, fmt_spread};
+use crate::procfs::{ProcessFigures, Role, Sampler, Watched};
 use crate::server_metrics::{self, Snapshot};
 use crate::spawn::{FerryServer, default_ferry_bin};
 
@@ -23,13 +27,27 @@ pub struct CommonArgs {
     /// Start `ferry serve` as a child on a temporary data dir (ports 0, random JWT secret).
     #[arg(long)]
     pub spawn: bool,
-    /// The ferry binary for --spawn [default: `ferry` next to this executable].
+    /// Start a local cluster of N `ferry serve` nodes and an nsqd instead (see --nsqd-bin).
+    #[arg(long, value_name = "N", conflicts_with_all = ["spawn", "server", "http"])]
+    pub spawn_cluster: Option<u16>,
+    /// With --spawn-cluster: the nsqd binary [default: `nsqd` on PATH, else the in-repo
+    /// NSQ-protocol test double `ferry-nsqd-double` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub nsqd_bin: Option<PathBuf>,
+    /// With --spawn-cluster: use the test double `ferry-nsqd-double` even when nsqd is on PATH.
+    #[arg(long, conflicts_with = "nsqd_bin")]
+    pub nsqd_double: bool,
+    /// With --spawn-cluster: the node each client dials first (`home`: its home node, as an
+    /// app that asked /v1/route; `spread`: node 1 + index % N, so most logins are redirected).
+    #[arg(long, value_enum, default_value = "home")]
+    pub entry: Entry,
+    /// The ferry binary for --spawn and --spawn-cluster [default: `ferry` next to this executable].
     #[arg(long, value_name = "PATH")]
     pub ferry_bin: Option<PathBuf>,
-    /// Directory in which --spawn creates the server's temporary data dir [default: system temp dir].
+    /// Directory in which --spawn (--spawn-cluster) creates the server's (nodes') temporary data dir [default: system temp dir].
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
-    /// Extra flag for the spawned server, repeatable: --server-arg=--durability=wal.
+    /// Extra flag for the spawned server (every node), repeatable: --server-arg=--durability=wal.
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
     /// With --server: data dir holding jwt.secret (as `ferry token` reads it).
@@ -92,6 +110,8 @@ pub struct Target {
     pub secret: Vec<u8>,
     /// The spawned server, if any.
     pub server: Option<FerryServer>,
+    /// The spawned cluster, if any.
+    pub cluster: Option<LocalCluster>,
     /// Samples the server and the harness.
     pub sampler: Sampler,
     /// Prefix of every user id of this run, so runs never share inboxes.
@@ -102,17 +122,15 @@ impl Target {
     /// Spawns or locates the server and starts sampling.
     pub async fn open(common: &CommonArgs) -> anyhow::Result<Target> {
         let run_id = format!("b{}", &crate::spawn::random_secret()[..8]);
+        if let Some(n) = common.spawn_cluster {
+            return Target::open_cluster(common, n, run_id).await;
+        }
         let (addr, ops, secret, server, pid) = if common.spawn {
             let bin = match &common.ferry_bin {
                 Some(b) => b.clone(),
                 None => default_ferry_bin()?,
             };
-            let mut args = common.server_args.clone();
-            for (flag, value) in SPAWN_DEFAULTS {
-                if !args.iter().any(|a| a.starts_with(flag)) {
-                    args.push(format!("{flag}={value}"));
-                }
-            }
+            let args = spawn_args(common);
             let server = FerryServer::spawn(&bin, common.work_dir.as_deref(), &args).await?;
             eprintln!(
                 "spawned ferry (pid {}) on {}, data in {}",
@@ -149,18 +167,9 @@ impl Target {
             .context("loading the JWT secret (give --jwt-secret or --data-dir)")?;
             (addr, ops, secret, None, common.server_pid)
         } else {
-            bail!("give --spawn or --server HOST:PORT");
+            bail!("give --spawn, --spawn-cluster N or --server HOST:PORT");
         };
-        if common.harness.source_ips > 0 {
-            anyhow::ensure!(
-                addr.ip().is_loopback() && addr.is_ipv4(),
-                "--source-ips needs an IPv4 loopback server address, not {addr}"
-            );
-            anyhow::ensure!(
-                common.harness.source_ips <= 250,
-                "--source-ips is at most 250"
-            );
-        }
+        check_source_ips(common, addr)?;
         let sampler = Sampler::start(Watched {
             server: pid,
             harness: vec![std::process::id()],
@@ -170,9 +179,81 @@ impl Target {
             ops,
             secret,
             server,
+            cluster: None,
             sampler,
             run_id,
         })
+    }
+
+    /// `--spawn-cluster n`: nsqd and n nodes, every one watched.
+    async fn open_cluster(common: &CommonArgs, n: u16, run_id: String) -> anyhow::Result<Target> {
+        let bin = match &common.ferry_bin {
+            Some(b) => b.clone(),
+            None => default_ferry_bin()?,
+        };
+        let nsqd = NsqdKind::choose(common.nsqd_bin.as_deref(), common.nsqd_double)?;
+        eprintln!("cluster: the bus runs on {}", nsqd.describe());
+        let args = spawn_args(common);
+        let cluster = LocalCluster::spawn(
+            n,
+            &bin,
+            common.work_dir.as_deref(),
+            &args,
+            nsqd,
+            common.entry,
+        )
+        .await?;
+        let first = &cluster.map.nodes()[0];
+        let (addr, ops) = (first.client, first.ops);
+        eprintln!(
+            "spawned a cluster of {n} ferry nodes (nsqd pid {} on {}), in {}:",
+            cluster.nsqd.pid,
+            cluster.nsqd.tcp,
+            cluster.dir().display()
+        );
+        for node in cluster.map.nodes() {
+            eprintln!(
+                "  node {}: pid {}, clients {}, ops http://{}",
+                node.id, cluster.nodes[&node.id].pid, node.client, node.ops
+            );
+        }
+        check_source_ips(common, addr)?;
+        let sampler = Sampler::start(Watched {
+            server: None,
+            harness: vec![std::process::id()],
+        });
+        for (id, node) in &cluster.nodes {
+            sampler.watch(format!("node {id}"), Role::Server, node.pid);
+        }
+        sampler.watch(cluster.nsqd.kind.label(), Role::Nsqd, cluster.nsqd.pid);
+        Ok(Target {
+            addr,
+            ops: Some(ops),
+            secret: cluster.secret().as_bytes().to_vec(),
+            server: None,
+            cluster: Some(cluster),
+            sampler,
+            run_id,
+        })
+    }
+
+    /// The cluster's node map (`--spawn-cluster`), for the clients.
+    pub fn map(&self) -> Option<&ClusterMap> {
+        self.cluster.as_ref().map(|c| &c.map)
+    }
+
+    /// How users `0..n` of this run spread over the nodes (`None` without a
+    /// spawned cluster); printed on stderr.
+    pub fn spread(&self, what: &str, n: u32) -> Option<BTreeMap<u16, u32>> {
+        let map = self.map()?;
+        let by = map.spread((0..n).map(|i| crate::clients::user_id(&self.run_id, i)));
+        eprintln!("cluster: {what} by home node: {}", fmt_spread(&by));
+        Some(by)
+    }
+
+    /// Whether the server (or cluster) was started by the harness.
+    pub fn spawned(&self) -> bool {
+        self.server.is_some() || self.cluster.is_some()
     }
 
     /// What was measured, for the JSON output.
@@ -180,13 +261,19 @@ impl Target {
         json!({
             "address": self.addr.to_string(),
             "ops_address": self.ops.map(|a| a.to_string()),
-            "spawned": self.server.is_some(),
+            "spawned": self.spawned(),
             "server_pid": self.server.as_ref().map(|s| s.pid),
+            "cluster": self.cluster.as_ref().map(|c| c.describe()),
         })
     }
 
     /// Fails when a spawned server has died, with the end of its log.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(cluster) = &mut self.cluster
+            && let Some(why) = cluster.exited()
+        {
+            bail!("during the run: {why}");
+        }
         if let Some(server) = &mut self.server
             && let Some(status) = server.exited()
         {
@@ -200,16 +287,62 @@ impl Target {
 
     /// The server's `/metrics` now; `None` without an ops address or when
     /// the scrape fails (never an error: the figures are then "n/a").
+    /// In a spawned cluster every node's, as one [`Snapshot::of_nodes`]
+    /// (`None` when any node's scrape fails).
     pub async fn scrape(&self) -> Option<Snapshot> {
-        server_metrics::scrape(self.ops?).await
+        let Some(cluster) = &self.cluster else {
+            return server_metrics::scrape(self.ops?).await;
+        };
+        let scrapes = cluster
+            .map
+            .nodes()
+            .iter()
+            .map(|n| async move { server_metrics::scrape(n.ops).await.map(|s| (n.id, s)) });
+        let nodes: Option<Vec<(u16, Snapshot)>> = futures::future::join_all(scrapes)
+            .await
+            .into_iter()
+            .collect();
+        nodes.map(Snapshot::of_nodes)
     }
 
-    /// Stops a spawned server.
-    pub async fn close(mut self) {
+    /// Reads every watched process's CPU time and memory, stops a spawned
+    /// server or cluster, and returns the figures (see
+    /// [`crate::report::process_table`]).
+    pub async fn close(mut self) -> Vec<ProcessFigures> {
+        let processes = self.sampler.processes();
         if let Some(server) = &mut self.server {
             server.stop().await;
         }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.stop().await;
+        }
+        processes
     }
+}
+
+/// `--server-arg`s, and [`SPAWN_DEFAULTS`] where they do not set them.
+fn spawn_args(common: &CommonArgs) -> Vec<String> {
+    let mut args = common.server_args.clone();
+    for (flag, value) in SPAWN_DEFAULTS {
+        if !args.iter().any(|a| a.starts_with(flag)) {
+            args.push(format!("{flag}={value}"));
+        }
+    }
+    args
+}
+
+fn check_source_ips(common: &CommonArgs, addr: SocketAddr) -> anyhow::Result<()> {
+    if common.harness.source_ips > 0 {
+        anyhow::ensure!(
+            addr.ip().is_loopback() && addr.is_ipv4(),
+            "--source-ips needs an IPv4 loopback server address, not {addr}"
+        );
+        anyhow::ensure!(
+            common.harness.source_ips <= 250,
+            "--source-ips is at most 250"
+        );
+    }
+    Ok(())
 }
 
 /// The first address `host_port` resolves to.
@@ -232,6 +365,7 @@ impl Target {
     ) -> crate::clients::Fleet {
         crate::clients::Fleet {
             addr: self.addr,
+            cluster: self.map().cloned(),
             secret: self.secret.clone(),
             run_id: self.run_id.clone(),
             users,

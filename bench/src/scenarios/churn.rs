@@ -6,7 +6,9 @@
 //! entries processed strictly in seq order, with gaps filled by `Sync`.
 //! While users send to each other, a random fraction of them disconnects
 //! and reconnects every round; with `--kill-server` the server is killed
-//! with SIGKILL once and restarted on the same data dir (on new ports).
+//! with SIGKILL once and restarted on the same data dir (on new ports); in
+//! a spawned cluster (`--spawn-cluster N`) one node is killed and restarted
+//! on its data dir and its ports, while the other nodes go on serving.
 //! At the end every device reconnects and syncs to the end of its inbox,
 //! and the harness checks that every stored message reached its recipient
 //! exactly once and that nothing arrived that was never sent.
@@ -31,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::clients::{connect_login, user_id, wait_until};
+use crate::cluster::ClusterMap;
 use crate::payload::{Payload, now_ns};
 use crate::report::{Outcome, Table, count, mib, usage_rows};
 use crate::server_metrics::{self, ServerFigures, Snapshot};
@@ -60,9 +63,13 @@ pub struct ChurnArgs {
     /// Offered msgs/s (total).
     #[arg(long, default_value_t = 2000)]
     pub rate: u32,
-    /// Kill the server with SIGKILL at a random point and restart it (needs --spawn).
+    /// Kill the server with SIGKILL at a random point and restart it (needs --spawn,
+    /// or --spawn-cluster: then one node is killed).
     #[arg(long)]
     pub kill_server: bool,
+    /// With --spawn-cluster --kill-server: the node to kill [default: a random one].
+    #[arg(long, value_name = "ID")]
+    pub kill_node: Option<u16>,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -81,6 +88,8 @@ enum Cmd {
 /// Shared by the devices.
 struct Shared {
     addr: watch::Receiver<SocketAddr>,
+    /// A spawned cluster: where each device dials first.
+    map: Option<ClusterMap>,
     run_id: String,
     source_ips: u32,
     tokens: TokenVerifier,
@@ -234,7 +243,10 @@ impl Device {
     }
 
     async fn connect(&mut self) -> anyhow::Result<(FrameReader, FrameWriter, proto::AuthOk)> {
-        let addr = *self.shared.addr.borrow();
+        let addr = match &self.shared.map {
+            Some(map) => map.dial(&self.me, self.index),
+            None => *self.shared.addr.borrow(),
+        };
         // Connecting (5 s) and the login (30 s), redirects included.
         tokio::time::timeout(
             Duration::from_secs(35),
@@ -600,13 +612,22 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     );
     anyhow::ensure!(args.rate >= 1, "--rate must be at least 1");
     anyhow::ensure!(
-        !args.kill_server || common.spawn,
-        "--kill-server needs --spawn"
+        !args.kill_server || common.spawn || common.spawn_cluster.is_some(),
+        "--kill-server needs --spawn or --spawn-cluster"
     );
+    anyhow::ensure!(
+        args.kill_node.is_none() || (args.kill_server && common.spawn_cluster.is_some()),
+        "--kill-node needs --spawn-cluster and --kill-server"
+    );
+    if let (Some(id), Some(n)) = (args.kill_node, common.spawn_cluster) {
+        anyhow::ensure!((1..=n).contains(&id), "--kill-node must be in 1..={n}");
+    }
     let mut target = Target::open(common).await?;
+    let spread = target.spread("users", args.users);
     let (addr_tx, addr_rx) = watch::channel(target.addr);
     let shared = Arc::new(Shared {
         addr: addr_rx,
+        map: target.map().cloned(),
         run_id: target.run_id.clone(),
         source_ips: common.harness.source_ips,
         tokens: TokenVerifier::new(&target.secret),
@@ -720,32 +741,58 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     // The server's counters up to the kill; its successor counts from 0.
     let mut metrics_before = metrics_start.clone();
     let mut metrics_before_kill = None;
+    let mut killed_node = None;
     if args.kill_server {
         let at = (args.messages as f64 * rand::rng().random_range(0.2..0.8)) as u64;
         wait_until(Duration::from_secs(3600), Duration::from_millis(5), || {
             progress.load(Ordering::Relaxed) >= at || dispatcher.is_finished()
         })
         .await;
+        let at_kill = target.scrape().await;
         metrics_before_kill = Some(server_metrics::change(
             metrics_start.as_ref(),
-            target.scrape().await.as_ref(),
+            at_kill.as_ref(),
         ));
-        metrics_before = Some(Snapshot::default());
-        let server = target.server.as_mut().context("no spawned server")?;
+        // Its last CPU time, before it goes.
+        target.sampler.refresh();
         let t_kill = now_ns();
-        server.kill9().await?;
-        eprintln!("churn: killed the server (kill -9) after {at} messages; restarting…");
-        server.restart().await?;
-        let restart_secs = (now_ns() - t_kill) as f64 / 1e9;
-        eprintln!(
-            "churn: server back on {} after {restart_secs:.2} s",
-            server.client_addr
-        );
-        let _ = addr_tx.send(server.client_addr);
-        target.sampler.set_server(Some(server.pid));
-        target.addr = server.client_addr;
-        target.ops = Some(server.ops_addr);
-        kill = Some((at, restart_secs));
+        if let Some(cluster) = target.cluster.as_mut() {
+            let ids: Vec<u16> = cluster.nodes.keys().copied().collect();
+            let id = args
+                .kill_node
+                .unwrap_or_else(|| ids[rand::rng().random_range(0..ids.len())]);
+            // The other nodes' counters go on; the new process counts from 0.
+            metrics_before = at_kill.map(|s| s.without_node(id));
+            cluster.kill9(id).await?;
+            eprintln!(
+                "churn: killed node {id} (kill -9) after {at} messages; restarting it on its \
+                 data dir and ports…"
+            );
+            cluster.restart(id).await?;
+            let restart_secs = (now_ns() - t_kill) as f64 / 1e9;
+            eprintln!("churn: node {id} ready again after {restart_secs:.2} s");
+            target
+                .sampler
+                .set_pid(&format!("node {id}"), cluster.nodes[&id].pid);
+            killed_node = Some(id);
+            kill = Some((at, restart_secs));
+        } else {
+            metrics_before = Some(Snapshot::default());
+            let server = target.server.as_mut().context("no spawned server")?;
+            server.kill9().await?;
+            eprintln!("churn: killed the server (kill -9) after {at} messages; restarting…");
+            server.restart().await?;
+            let restart_secs = (now_ns() - t_kill) as f64 / 1e9;
+            eprintln!(
+                "churn: server back on {} after {restart_secs:.2} s",
+                server.client_addr
+            );
+            let _ = addr_tx.send(server.client_addr);
+            target.sampler.set_server(Some(server.pid));
+            target.addr = server.client_addr;
+            target.ops = Some(server.ops_addr);
+            kill = Some((at, restart_secs));
+        }
     }
     dispatcher.await.context("dispatcher")?;
     let send_secs = (now_ns() - t0) as f64 / 1e9;
@@ -787,7 +834,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     let server = ServerFigures::from_change(metrics.as_ref());
     let usage = target.sampler.usage(t0, t1).await;
     let describe = target.describe();
-    target.close().await;
+    let processes = target.close().await;
 
     let c = check(&reports);
     let sum = |f: fn(&DeviceReport) -> u64| reports.iter().map(f).sum::<u64>();
@@ -859,15 +906,22 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         crate::clients::redirects_followed(),
     );
     if let Some((at, secs)) = kill {
-        t.row(
-            "server kill -9",
-            format!("after {at} messages, back in {secs:.2} s"),
-        );
+        match killed_node {
+            Some(id) => t.row(
+                "node kill -9",
+                format!("node {id} after {at} messages, ready again in {secs:.2} s"),
+            ),
+            None => t.row(
+                "server kill -9",
+                format!("after {at} messages, back in {secs:.2} s"),
+            ),
+        };
     }
     t.row("server peak RSS", mib(usage.server_peak_rss_mib));
     usage_rows(&mut t, "whole run", &usage);
     server.add_rows(&mut t);
     t.print();
+    crate::report::process_table(&processes).print();
     if let Some(why) = &first_loss {
         eprintln!("churn: first unplanned disconnect: {why}");
     }
@@ -901,7 +955,13 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         "rate": args.rate,
         "disconnect_fraction": args.disconnect_fraction,
         "round_secs": args.round_secs,
-        "kill_server": kill.map(|(at, secs)| json!({"after_messages": at, "restart_secs": secs})),
+        "kill_server": kill.map(|(at, secs)| json!({
+            "after_messages": at,
+            "restart_secs": secs,
+            "node": killed_node,
+        })),
+        "spread_by_node": spread,
+        "processes": processes,
         "send_secs": send_secs,
         "skipped_queue_full": skipped.load(Ordering::Relaxed),
         "disconnect_rounds": rounds,

@@ -195,6 +195,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         );
     }
     let mut target = Target::open(common).await?;
+    let spread = target.spread("connections", args.n);
     // Let the freshly started server settle before measuring its baseline.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = target.sampler.server_rss_now();
@@ -244,7 +245,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     let connect_usage = target.sampler.usage(t0, t1).await;
     let hold_usage = target.sampler.usage(t1, t2).await;
     let describe = target.describe();
-    target.close().await;
+    let processes = target.close().await;
 
     let ok: u32 = connected.iter().map(|c| c.ok).sum();
     let failed: u32 = connected.iter().map(|c| c.failed).sum();
@@ -324,6 +325,7 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
     usage_rows(&mut t, "holding", &hold_usage);
     server.add_rows(&mut t);
     t.print();
+    crate::report::process_table(&processes).print();
 
     let mut failures = Vec::new();
     if failed > 0 {
@@ -374,6 +376,8 @@ pub async fn run(args: &ConnsArgs) -> anyhow::Result<Outcome> {
         "usage_connecting": connect_usage,
         "usage_holding": hold_usage,
         "server_metrics_holding": server,
+        "spread_by_node": spread,
+        "processes": processes,
     });
     Ok(Outcome {
         name: "conns",

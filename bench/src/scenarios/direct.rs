@@ -12,8 +12,13 @@
 //! A step that is still not answered after 5 s is reported as overloaded;
 //! its loss cannot be told from lateness and is not counted. Acks and
 //! deliveries of an earlier step that arrive later are counted apart.
+//!
+//! In a spawned cluster the harness knows every user's home node (the
+//! placement every node computes); `--cross-node` then sends every message
+//! to a recipient homed on another node than its sender, so that each one
+//! crosses the NSQ bus. Without it about (N-1)/N of them do; both are counted.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
@@ -55,6 +60,9 @@ pub struct DirectArgs {
     /// Seconds of each step.
     #[arg(long, default_value_t = 30)]
     pub duration: u64,
+    /// Every recipient is homed on another node than its sender (needs --spawn-cluster).
+    #[arg(long)]
+    pub cross_node: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -63,6 +71,63 @@ pub struct DirectArgs {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Job {
     fleet: Fleet,
+    cross_node: bool,
+}
+
+/// Who a user sends to.
+struct Recipients {
+    /// Home node of every user of the run (in a spawned cluster).
+    homes: Option<Vec<u16>>,
+    /// With `--cross-node`: per node, every user homed elsewhere.
+    elsewhere: Option<HashMap<u16, Vec<u32>>>,
+}
+
+impl Recipients {
+    fn new(fleet: &Fleet, cross_node: bool) -> anyhow::Result<Recipients> {
+        let homes: Option<Vec<u16>> = fleet.cluster.as_ref().map(|_| {
+            (0..fleet.total_users)
+                .map(|i| fleet.home(i).expect("a cluster"))
+                .collect()
+        });
+        let elsewhere = match (&homes, &fleet.cluster) {
+            (Some(homes), Some(map)) if cross_node => {
+                let mut by = HashMap::new();
+                for node in map.nodes() {
+                    let others: Vec<u32> = (0..fleet.total_users)
+                        .filter(|&i| homes[i as usize] != node.id)
+                        .collect();
+                    anyhow::ensure!(
+                        !others.is_empty() || !homes.contains(&node.id),
+                        "every user is homed on node {}: --cross-node needs more --users",
+                        node.id
+                    );
+                    by.insert(node.id, others);
+                }
+                Some(by)
+            }
+            _ if cross_node => bail!("--cross-node needs --spawn-cluster"),
+            _ => None,
+        };
+        Ok(Recipients { homes, elsewhere })
+    }
+
+    /// A random recipient for `me` (never `me`).
+    fn pick(&self, me: u32, total: u32, rng: &mut impl Rng) -> u32 {
+        if let (Some(homes), Some(elsewhere)) = (&self.homes, &self.elsewhere) {
+            let others = &elsewhere[&homes[me as usize]];
+            return others[rng.random_range(0..others.len())];
+        }
+        let to = rng.random_range(0..total - 1);
+        if to >= me { to + 1 } else { to }
+    }
+
+    /// Whether a message from `from` to `to` crosses the bus (`false`
+    /// outside a cluster).
+    fn crosses(&self, from: u32, to: u32) -> bool {
+        self.homes
+            .as_ref()
+            .is_some_and(|h| h[from as usize] != h[to as usize])
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +158,8 @@ struct Connected {
 struct StepSent {
     sent: u64,
     skipped: u64,
+    /// Of `sent`, those to a recipient homed on another node.
+    cross_node: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -269,13 +336,14 @@ impl Receiver {
 async fn pace(
     conns: &[(u32, Conn)],
     fleet: &Fleet,
+    recipients: &Recipients,
     counters: &mut [u32],
     cursor: &mut usize,
     step: (u8, f64, u64, u64),
-) -> (u64, u64) {
+) -> StepSent {
     let (tag, rate, start_ns, duration_ns) = step;
     let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
-    let (mut sent, mut skipped, mut issued) = (0u64, 0u64, 0u64);
+    let (mut sent, mut skipped, mut issued, mut cross) = (0u64, 0u64, 0u64, 0u64);
     let end_ns = start_ns + duration_ns;
     let total = fleet.total_users;
     tokio::time::sleep(Duration::from_nanos(start_ns.saturating_sub(now_ns()))).await;
@@ -290,10 +358,7 @@ async fn pace(
             let (me, conn) = &conns[*cursor];
             let slot = *cursor;
             *cursor = (*cursor + 1) % conns.len();
-            let mut to = rng.random_range(0..total - 1);
-            if to >= *me {
-                to += 1;
-            }
+            let to = recipients.pick(*me, total, &mut rng);
             let out = Out::Stamped {
                 to: fleet.direct_to(to),
                 counter: counters[slot],
@@ -303,12 +368,17 @@ async fn pace(
                 Ok(()) => {
                     counters[slot] += 1;
                     sent += 1;
+                    cross += u64::from(recipients.crosses(*me, to));
                 }
                 Err(_) => skipped += 1,
             }
         }
         if now >= end_ns {
-            return (sent, skipped);
+            return StepSent {
+                sent,
+                skipped,
+                cross_node: cross,
+            };
         }
     }
 }
@@ -316,6 +386,7 @@ async fn pace(
 /// The worker side.
 pub async fn worker(job: Job, _index: usize, io: &mut Io) -> anyhow::Result<()> {
     let tokens = Arc::new(Tokens::mint(&job.fleet));
+    let recipients = Recipients::new(&job.fleet, job.cross_node)?;
     let Cmd::Connect = io.recv().await? else {
         bail!("expected Connect")
     };
@@ -373,13 +444,18 @@ pub async fn worker(job: Job, _index: usize, io: &mut Io) -> anyhow::Result<()> 
                 duration_ns,
             } => {
                 state.reset_step(tag, start_ns, start_ns + duration_ns);
-                let (sent, skipped) = if conns.is_empty() {
-                    (0, 0)
+                let sent = if conns.is_empty() {
+                    StepSent {
+                        sent: 0,
+                        skipped: 0,
+                        cross_node: 0,
+                    }
                 } else {
                     let step = (tag, rate, start_ns, duration_ns);
-                    pace(&conns, &fleet, &mut counters, &mut cursor, step).await
+                    let (c, r) = (&mut counters, &mut cursor);
+                    pace(&conns, &fleet, &recipients, c, r, step).await
                 };
-                io.reply(&StepSent { sent, skipped }).await?;
+                io.reply(&sent).await?;
             }
             Cmd::Poll => {
                 io.reply(&Progress {
@@ -426,6 +502,8 @@ struct StepFigures {
     duration_secs: u64,
     sent: u64,
     sent_per_sec: f64,
+    /// Of `sent`, those to a recipient homed on another node (cluster).
+    cross_node_sent: u64,
     skipped_queue_full: u64,
     acked: u64,
     send_errors: u64,
@@ -461,7 +539,12 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
     anyhow::ensure!(!args.rate.is_empty(), "--rate needs at least one step");
     anyhow::ensure!(args.rate.len() <= 250, "at most 250 steps");
     anyhow::ensure!(args.duration >= 1, "--duration must be at least 1");
+    anyhow::ensure!(
+        !args.cross_node || common.spawn_cluster.is_some(),
+        "--cross-node needs --spawn-cluster N (the harness must know every user's home node)"
+    );
     let mut target = Target::open(common).await?;
+    let spread = target.spread("users", args.users);
     let slices = worker::slices(args.users, common.harness.per_process);
     let workers = slices.len();
     let shares: Vec<f64> = slices
@@ -473,6 +556,7 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
         .map(|users| {
             worker::Job::Direct(Job {
                 fleet: target.fleet(common, users, args.users, workers),
+                cross_node: args.cross_node,
             })
         })
         .collect();
@@ -577,6 +661,7 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
             duration_secs: args.duration,
             sent: n_sent,
             sent_per_sec: n_sent as f64 / secs,
+            cross_node_sent: sum(|s| s.cross_node),
             skipped_queue_full: sum(|s| s.skipped),
             acked,
             send_errors: n_errors,
@@ -619,7 +704,7 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
     let _: Vec<Closed> = pool.ask(&Cmd::Close).await?;
     pool.finish().await?;
     let describe = target.describe();
-    target.close().await;
+    let processes = target.close().await;
 
     let mut header = vec![String::new()];
     header.extend((1..=steps.len()).map(|k| format!("step {k}")));
@@ -643,6 +728,9 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
     row(&mut t, "delivered msgs/s (in window)", &|s| {
         format!("{:.0}", s.delivered_per_sec)
     });
+    if spread.is_some() {
+        row(&mut t, "sent across nodes", &|s| count(s.cross_node_sent));
+    }
     row(&mut t, "sent / acked", &|s| {
         format!("{} / {}", count(s.sent), count(s.acked))
     });
@@ -689,6 +777,17 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
             .map(|p| format!("{p:.0}%"))
             .unwrap_or_else(|| "n/a".into())
     });
+    if spread.is_some() {
+        row(&mut t, "node CPU (% of a core)", &|s| {
+            s.usage.per_server().unwrap_or_else(|| "n/a".into())
+        });
+        row(&mut t, "nsqd CPU (% of a core)", &|s| {
+            s.usage
+                .nsqd_cpu_pct
+                .map(|p| format!("{p:.0}%"))
+                .unwrap_or_else(|| "n/a".into())
+        });
+    }
     row(&mut t, "server peak RSS", &|s| {
         mib(s.usage.server_peak_rss_mib)
     });
@@ -696,12 +795,21 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
         format!("{:.0}%", s.usage.harness_cpu_pct)
     });
     let server_rows: Vec<Vec<(&str, String)>> = steps.iter().map(|s| s.server.rows()).collect();
-    for (r, (label, _)) in server_rows[0].iter().enumerate() {
+    let most = server_rows
+        .iter()
+        .max_by_key(|rows| rows.len())
+        .expect("at least one step");
+    for (r, (label, _)) in most.iter().enumerate() {
         let mut cells = vec![(*label).to_owned()];
-        cells.extend(server_rows.iter().map(|rows| rows[r].1.clone()));
+        cells.extend(
+            server_rows
+                .iter()
+                .map(|rows| rows.get(r).map_or_else(|| "n/a".into(), |c| c.1.clone())),
+        );
         t.cells(cells);
     }
     t.print();
+    crate::report::process_table(&processes).print();
 
     let mut failures = Vec::new();
     for (k, s) in steps.iter().enumerate() {
@@ -721,7 +829,10 @@ pub async fn run(args: &DirectArgs) -> anyhow::Result<Outcome> {
         "processes": workers,
         "connect_secs": connect_secs,
         "max_frames_per_sec": max_fps,
+        "cross_node": args.cross_node,
+        "spread_by_node": spread,
         "steps": steps,
+        "processes": processes,
     });
     Ok(Outcome {
         name: "direct",

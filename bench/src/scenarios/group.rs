@@ -486,6 +486,14 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
     );
     let mut target = Target::open(common).await?;
     let group_id = format!("{}-g", target.run_id);
+    let spread = target.spread("members", args.members);
+    let owner_node = target.map().map(|m| m.owner(&group_id));
+    if let (Some(owner), Some(map)) = (owner_node, target.map()) {
+        eprintln!(
+            "cluster: the group is owned by node {owner}; its owner (sender) is homed on node {}",
+            map.home(&crate::clients::user_id(&target.run_id, 0))
+        );
+    }
     let slices = worker::slices(args.members, common.harness.per_process);
     let workers = slices.len();
     let jobs = slices
@@ -569,7 +577,7 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
     pool.finish().await?;
     let usage = target.sampler.usage(t0, t1).await;
     let describe = target.describe();
-    target.close().await;
+    let processes = target.close().await;
 
     let mut all = Hist::new();
     for (k, fig) in figures.iter_mut().enumerate() {
@@ -636,6 +644,7 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
     usage_rows(&mut s, "sending", &usage);
     server.add_rows(&mut s);
     s.print();
+    crate::report::process_table(&processes).print();
 
     let mut failures = Vec::new();
     if missing > 0 {
@@ -659,6 +668,9 @@ pub async fn run(args: &GroupArgs) -> anyhow::Result<Outcome> {
         "per_message": figures,
         "usage": usage,
         "server_metrics": server,
+        "spread_by_node": spread,
+        "group_owner_node": owner_node,
+        "processes": processes,
     });
     Ok(Outcome {
         name: "group",
