@@ -410,13 +410,12 @@ impl LocalCluster {
     pub async fn wait_ready(&self, id: u16) -> anyhow::Result<()> {
         let ops = self.ops(id);
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        let mut last = String::new();
         loop {
-            match get_any(ops, "/readyz").await {
+            let last = match get_any(ops, "/readyz").await {
                 Ok((200, _)) => return Ok(()),
-                Ok((status, body)) => last = format!("{status} {}", body.trim()),
-                Err(e) => last = format!("{e:#}"),
-            }
+                Ok((status, body)) => format!("{status} {}", body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
             if tokio::time::Instant::now() >= deadline {
                 bail!(
                     "node {id} not ready within {READY_TIMEOUT:?} (/readyz: {last}); its log: {}",

@@ -295,7 +295,7 @@ impl Router {
             Some(bus_config) => {
                 let bus = Arc::new(Bus::start(&config.placement, bus_config.clone(), &storage)?);
                 commit.homes = Some(bus.homes().clone());
-                // TODO(node bits): commit.node_id = bus.this_node();
+                commit.node_id = bus.this_node();
                 let _ = shared.bus.set(bus.clone());
                 Some(bus)
             }

@@ -68,7 +68,9 @@ mod link;
 
 use crate::groups::{Group, Refusal, refuse};
 use crate::keys::{self, ConvKey};
-use crate::model::{DedupValue, GroupMeta, InboxValue, MSG_ID_TIME_SHIFT, StoredMessage};
+use crate::model::{
+    DedupValue, GroupMeta, InboxValue, MSG_ID_TIME_SHIFT, StoredMessage, mint_msg_id,
+};
 use crate::{StorageError, now_ms};
 pub use link::MAX_LINK_BATCH_BYTES;
 
@@ -108,6 +110,11 @@ pub struct CommitOptions {
     /// on another node goes into a link batch for that node (see `link`).
     /// `None` on a single node: everything is local and nothing is asked.
     pub homes: Option<Arc<dyn Homes>>,
+    /// Written into every message id this committer mints (see
+    /// [`mint_msg_id`](crate::model::mint_msg_id)): in a cluster this node's
+    /// id, so two nodes never mint the same message or group id; 0 on a
+    /// single node.
+    pub node_id: u16,
 }
 
 impl Default for CommitOptions {
@@ -120,6 +127,7 @@ impl Default for CommitOptions {
             max_users_per_change: limits::MAX_USERS_PER_CHANGE,
             max_entry_bytes: max_entry_bytes_for(ferry_protocol::DEFAULT_MAX_FRAME_BYTES),
             homes: None,
+            node_id: 0,
             seq_cache_entries: 1_000_000,
         }
     }
@@ -988,8 +996,7 @@ impl Worker {
     }
 
     fn next_msg_id(&mut self) -> u64 {
-        let candidate = now_ms() << MSG_ID_TIME_SHIFT;
-        self.last_msg_id = candidate.max(self.last_msg_id + 1);
+        self.last_msg_id = mint_msg_id(self.last_msg_id, now_ms(), self.options.node_id);
         self.last_msg_id
     }
 

@@ -146,12 +146,14 @@ fn reopen_keeps_seqs_and_dedup() {
     let Outcome::Sent {
         ack,
         duplicate,
+        recipients,
         fanouts,
     } = results.recv().unwrap().1
     else {
         panic!()
     };
     assert!(duplicate);
+    assert_eq!(recipients, 0);
     assert!(fanouts.is_empty());
     assert_eq!(ack, first_ack);
     // A new message continues the seqs.
