@@ -64,6 +64,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 "ferry_commit_apply_seconds",
                 "ferry_commit_sink_seconds",
                 "ferry_send_ack_seconds",
+                "ferry_bus_confirm_seconds",
             ];
             let builder = latency
                 .iter()
