@@ -56,12 +56,12 @@ bench: build
 	$(CARGO) bench --profile release --workspace
 	$(CARGO_TARGET_DIR)/release/ferry-bench suite --spawn
 
-## fuzz: run each fuzz target (FUZZ_TARGETS) of the protocol crate for FUZZ_SECONDS (default 300).
-FUZZ_TARGETS ?= decode_frames decode_envelope
+## fuzz: run every fuzz target (FUZZ_TARGETS, as crate-dir:target) for FUZZ_SECONDS each (default 300).
+FUZZ_TARGETS ?= protocol:decode_frames protocol:decode_envelope nsq:decode_nsq_frames auth:verify_token auth:secret_file
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd protocol && for t in $(FUZZ_TARGETS); do \
-	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	for t in $(FUZZ_TARGETS); do \
+	  (cd $${t%%:*} && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run --fuzz-dir fuzz $${t#*:} -- -max_total_time=$(FUZZ_SECONDS)) || exit 1; \
 	done
 
 fmt:

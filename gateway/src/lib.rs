@@ -5,7 +5,8 @@
 //! - `connection`: one connection's auth handshake, read loop, writer task
 //!   and lingering close.
 //! - [`wheel`]: the hashed timing wheel behind the heartbeat.
-//! - [`auth`]: JWT verification and the secret's source.
+//! - [`auth`]: JWT verification and the secret's source (the `ferry-auth`
+//!   crate, re-exported).
 //! - [`config`]: defaults < TOML file < environment < flags.
 //! - [`rlimit`]: the open-file limit.
 //! - `http`: the ops HTTP port: health, readiness, `/metrics`, and the
@@ -18,7 +19,6 @@
 
 pub mod admin;
 mod admin_forward;
-pub mod auth;
 pub mod config;
 mod connection;
 mod http;
@@ -28,6 +28,7 @@ pub mod rlimit;
 pub mod server;
 pub mod wheel;
 
+pub use ferry_auth as auth;
 pub use server::Server;
 
 use std::sync::Arc;

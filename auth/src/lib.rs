@@ -5,6 +5,7 @@
 //! `ferry serve` and `ferry token` agree on a fresh machine with no setup.
 //! The admin API's bearer token comes from the same kind of file,
 //! `<data_dir>/admin.token`, when it is not configured.
+#![warn(missing_docs)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
