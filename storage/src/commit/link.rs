@@ -267,7 +267,10 @@ impl Worker {
                     // page reads it as it reads any such entry; no push.
                     (None, None) => continue,
                 };
-                match fanouts.iter_mut().find(|f| f.entry == entry) {
+                // Only the last fan-out can share its entry: an append's
+                // users share one (a group message), and each user's
+                // entries stay in seq order, so no live push skips ahead.
+                match fanouts.last_mut().filter(|f| f.entry == entry) {
                     Some(f) => f.targets.push((user, seq)),
                     None => fanouts.push(Fanout {
                         entry,
@@ -334,26 +337,118 @@ fn decode_link_batch(batch: &bus::LinkBatch) -> Result<DecodedBatch, String> {
 }
 
 /// Splits a node's items into link batches of at most
-/// [`MAX_LINK_BATCH_BYTES`], in commit order. Within a batch the receiver
-/// writes the rows before the entries; an entry never points to a row of a
-/// later batch, since rows come before the entries that point to them.
+/// [`MAX_LINK_BATCH_BYTES`] (a single item may exceed it), in commit order.
+///
+/// Every batch is self-contained: an entry's message row is in the same
+/// batch. The receiver applies several batches in one write, and an entry
+/// whose row is only staged by an earlier batch of that write cannot be
+/// pushed live (its row is not readable yet): that entry would wait for the
+/// device's next sync. So when a split falls among the entries of one op,
+/// the op's rows are repeated at the head of the next batch (the receiver
+/// writes the same row twice: one row).
 fn split_items(items: RemoteItems) -> Vec<(Vec<bus::MessageRow>, Vec<bus::Append>)> {
     let mut out = Vec::new();
     let (mut rows, mut appends, mut bytes) = (Vec::new(), Vec::new(), 0);
+    // The rows of the op whose items are being read: rows come first, then
+    // that op's entries (`keep_op_remote`).
+    let (mut op_rows, mut op_rows_bytes): (Vec<bus::MessageRow>, usize) = (Vec::new(), 0);
+    let mut in_appends = false;
     for item in items.items {
         let len = item.encoded_len();
         if bytes + len > MAX_LINK_BATCH_BYTES && bytes > 0 {
             out.push((std::mem::take(&mut rows), std::mem::take(&mut appends)));
             bytes = 0;
+            if matches!(item, RemoteItem::Append(_)) && !op_rows.is_empty() {
+                rows.extend(op_rows.iter().cloned());
+                bytes = op_rows_bytes;
+            }
         }
         bytes += len;
         match item {
-            RemoteItem::Row(r) => rows.push(r),
-            RemoteItem::Append(a) => appends.push(a),
+            RemoteItem::Row(r) => {
+                if in_appends {
+                    op_rows.clear();
+                    op_rows_bytes = 0;
+                    in_appends = false;
+                }
+                op_rows.push(r.clone());
+                op_rows_bytes += len;
+                rows.push(r);
+            }
+            RemoteItem::Append(a) => {
+                in_appends = true;
+                appends.push(a);
+            }
         }
     }
     if bytes > 0 {
         out.push((rows, appends));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(msg_id: u64, body_bytes: usize) -> RemoteItem {
+        RemoteItem::Row(bus::MessageRow {
+            conversation: Bytes::from_static(b"d:alice:bob"),
+            msg_id,
+            stored: Bytes::from(vec![7u8; body_bytes]),
+        })
+    }
+
+    fn append(msg_id: u64, users: usize) -> RemoteItem {
+        RemoteItem::Append(bus::Append {
+            value: Bytes::from(msg_id.to_be_bytes().to_vec()),
+            users: (0..users)
+                .map(|i| format!("user-{msg_id}-{i:04}"))
+                .collect(),
+        })
+    }
+
+    /// The msg ids of an append's value, as `append` encodes them.
+    fn msg_id_of(a: &bus::Append) -> u64 {
+        u64::from_be_bytes(a.value[..8].try_into().unwrap())
+    }
+
+    #[test]
+    fn every_split_batch_carries_the_rows_of_its_entries() {
+        // Ops of one row and a few entries each, then one op whose entries
+        // alone span several batches (a big group).
+        let mut items = Vec::new();
+        for id in 1..=400u64 {
+            items.push(row(id, 2_000));
+            items.push(append(id, 1));
+            items.push(append(id, 1));
+        }
+        items.push(row(1_000, 30_000));
+        for _ in 0..12 {
+            items.push(append(1_000, 4_096));
+        }
+        let batches = split_items(RemoteItems { items });
+        assert!(batches.len() >= 3, "{} batches", batches.len());
+        let mut entries = 0;
+        for (rows, appends) in &batches {
+            let len: usize = rows.iter().map(|r| 6 + r.encoded_len()).sum::<usize>()
+                + appends.iter().map(|a| 6 + a.encoded_len()).sum::<usize>();
+            assert!(
+                len <= MAX_LINK_BATCH_BYTES || appends.len() + rows.len() <= 2,
+                "batch of {len} bytes"
+            );
+            for a in appends {
+                let id = msg_id_of(a);
+                assert!(
+                    rows.iter().any(|r| r.msg_id == id),
+                    "entry of message {id} in a batch without its row"
+                );
+                entries += a.users.len();
+            }
+        }
+        assert_eq!(entries, 800 + 12 * 4_096, "every entry once");
+        // Rows are repeated only where a split fell among an op's entries.
+        let rows: usize = batches.iter().map(|(r, _)| r.len()).sum();
+        assert!(rows <= 401 + batches.len(), "{rows} rows");
+    }
 }
