@@ -4,6 +4,8 @@
 //! - [`bus`]: the types generated from `proto/bus.proto`: the envelopes cluster
 //!   nodes exchange over NSQ (docs/CLUSTER.md), and their decoder.
 //! - [`limits`]: every size limit on client-supplied strings, in one place.
+//! - [`requests`]: the checks every client request passes before the server acts
+//!   on it (the router applies them; fuzzed and property-tested here).
 //! - [`codec`]: the length-prefixed frame codec over `BytesMut`, with typed errors.
 //!   It does no I/O, so it is usable from any runtime and is fuzzed in isolation.
 //! - [`client`] (feature `client`, on by default): a small tokio client used by
@@ -17,6 +19,7 @@ pub mod client;
 pub mod codec;
 mod frames;
 pub mod limits;
+pub mod requests;
 
 /// The Rust types generated from `proto/ferry.proto` (package `ferry.v1`).
 #[allow(missing_docs, clippy::all)]

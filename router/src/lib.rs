@@ -7,7 +7,7 @@
 //!   storage on blocking threads (never on a runtime thread: group lookups
 //!   go through [`Router::lookup_group`]). Every client-supplied string is
 //!   checked here against [`ferry_protocol::limits`] before anything else
-//!   sees it ([`check_group_op`], `target_of`).
+//!   sees it ([`ferry_protocol::requests`], `target_of`).
 //! - `delivery`: what happens after a batch is durable: acks, replies, and
 //!   the fan-out of inbox entries to online connections.
 //!
@@ -28,8 +28,8 @@ pub mod session;
 
 use std::sync::Arc;
 
-use ferry_protocol::limits::{self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_ID_BYTES};
 use ferry_protocol::proto::{self, frame::Body, group_request::Op as GroupOp};
+use ferry_protocol::requests;
 use ferry_protocol::{ErrorCode, Frame};
 use ferry_storage::{
     CommitOptions, Committer, Group, GroupChange, Op, Storage, StorageError, Target,
@@ -122,57 +122,12 @@ fn invalid(message: impl Into<String>) -> (ErrorCode, String) {
     (ErrorCode::InvalidRequest, message.into())
 }
 
-/// A limit violation as the `INVALID_REQUEST` answering it.
-fn over_limit(e: limits::LimitError) -> (ErrorCode, String) {
-    invalid(e.to_string())
-}
-
-/// The target of a request's `conversation`, its id checked against
-/// [`limits::MAX_ID_BYTES`].
+/// The target of a request's `conversation`, checked by
+/// [`requests::conversation`].
 fn target_of(conv: Option<&proto::Conversation>) -> Result<Target, (ErrorCode, String)> {
-    let conv = conv.ok_or_else(|| invalid("conversation is required"))?;
-    limits::check_id("conversation.id", &conv.id).map_err(over_limit)?;
-    match conv.kind() {
-        proto::ConversationKind::Direct => Ok(Target::Direct(conv.id.as_str().into())),
-        proto::ConversationKind::Group => Ok(Target::Group(conv.id.as_str().into())),
-        proto::ConversationKind::Unspecified => Err(invalid("conversation kind is required")),
-    }
-}
-
-/// Checks every client-supplied string of a group op against
-/// [`ferry_protocol::limits`]: group ids and user ids 1..=64 bytes (a
-/// `create`'s `group_id` may be empty: the server picks one), names up to
-/// [`MAX_GROUP_NAME_BYTES`], user lists up to
-/// [`limits::MAX_USERS_PER_CHANGE`]. The message names the field and the
-/// limit. Runs before anything reads storage or builds a key.
-pub fn check_group_op(op: &GroupOp) -> Result<(), String> {
-    let id = |field, value: &str| limits::check_id(field, value).map_err(|e| e.to_string());
-    match op {
-        GroupOp::Create(c) => {
-            limits::check_len("group_id", &c.group_id, 0, MAX_ID_BYTES)
-                .and_then(|()| limits::check_len("name", &c.name, 0, MAX_GROUP_NAME_BYTES))
-                .map_err(|e| e.to_string())?;
-            limits::check_user_list("members", &c.members)
-        }
-        GroupOp::AddMembers(a) => {
-            id("group_id", &a.group_id)?;
-            limits::check_user_list("members", &a.members)
-        }
-        GroupOp::RemoveMembers(r) => {
-            id("group_id", &r.group_id)?;
-            limits::check_user_list("members", &r.members)
-        }
-        GroupOp::Leave(l) => id("group_id", &l.group_id),
-        GroupOp::Dissolve(d) => id("group_id", &d.group_id),
-        GroupOp::ListMembers(l) => {
-            id("group_id", &l.group_id)?;
-            limits::check_len("after_user_id", &l.after_user_id, 0, MAX_ID_BYTES)
-                .map_err(|e| e.to_string())
-        }
-        GroupOp::SetRole(s) => {
-            id("group_id", &s.group_id)?;
-            id("user_id", &s.user_id)
-        }
+    match requests::conversation(conv).map_err(|e| invalid(e.0))? {
+        (proto::ConversationKind::Group, id) => Ok(Target::Group(id.into())),
+        (_, id) => Ok(Target::Direct(id.into())),
     }
 }
 
@@ -338,7 +293,7 @@ impl Router {
     /// router and the admin API look a group up: the read (a DB read and a
     /// scan of up to the member limit's keys on a cache miss) runs on a
     /// blocking thread, never on a runtime thread. `id` must have passed
-    /// [`limits::check_id`].
+    /// [`ferry_protocol::limits::check_id`].
     ///
     /// A cached group (or an id cached as absent) is answered at once, on
     /// this thread; only a cache miss pays the blocking-thread hop.
@@ -561,32 +516,11 @@ impl Router {
             let _ = conn.push(error_frame(code, message, 0, send.client_msg_id));
             Ok(())
         };
-        if send.client_msg_id == 0 {
-            return fail(
-                ErrorCode::InvalidRequest,
-                "client_msg_id must be non-zero".into(),
-            );
-        }
-        let to = match target_of(send.to.as_ref()) {
-            Ok(to) => to,
-            Err((code, message)) => return fail(code, message),
+        let to = match requests::send(&send, self.config.max_frame_bytes) {
+            Ok((proto::ConversationKind::Group, id)) => Target::Group(id.into()),
+            Ok((_, id)) => Target::Direct(id.into()),
+            Err(e) => return fail(ErrorCode::InvalidRequest, e.0),
         };
-        if let Err(e) = limits::check_len(
-            "content_type",
-            &send.content_type,
-            0,
-            MAX_CONTENT_TYPE_BYTES,
-        ) {
-            return fail(ErrorCode::InvalidRequest, e.to_string());
-        }
-        let size = send.body.len() + send.content_type.len();
-        let max = limits::send_content_limit(self.config.max_frame_bytes);
-        if size > max {
-            return fail(
-                ErrorCode::InvalidRequest,
-                format!("body + content_type must be at most {max} bytes (got {size})"),
-            );
-        }
         let op = Op::Send {
             from: conn.user().clone(),
             client_msg_id: send.client_msg_id,
@@ -639,20 +573,19 @@ impl Router {
         recall: proto::Recall,
         slot: Option<RequestSlot>,
     ) -> Result<(), (ErrorCode, String)> {
-        let to = target_of(recall.conversation.as_ref()).map_err(|(c, m)| {
-            let _ = conn.push(error_frame(c, m.clone(), recall.request_id, 0));
-            (c, m)
-        });
-        let Ok(to) = to else { return Ok(()) };
-        if recall.msg_id == 0 {
-            let _ = conn.push(error_frame(
-                ErrorCode::InvalidRequest,
-                "msg_id is required".into(),
-                recall.request_id,
-                0,
-            ));
-            return Ok(());
-        }
+        let to = match requests::recall(&recall) {
+            Ok((proto::ConversationKind::Group, id)) => Target::Group(id.into()),
+            Ok((_, id)) => Target::Direct(id.into()),
+            Err(e) => {
+                let _ = conn.push(error_frame(
+                    ErrorCode::InvalidRequest,
+                    e.0,
+                    recall.request_id,
+                    0,
+                ));
+                return Ok(());
+            }
+        };
         let op = Op::Recall {
             from: conn.user().clone(),
             to,
@@ -739,10 +672,8 @@ impl Router {
             let _ = conn.push(error_frame(code, message, request_id, 0));
             Ok(())
         };
-        if let Some(op) = &request.op
-            && let Err(message) = check_group_op(op)
-        {
-            return fail(ErrorCode::InvalidRequest, message);
+        if let Err(e) = requests::group_request(&request) {
+            return fail(ErrorCode::InvalidRequest, e.0);
         }
         let change = match request.op {
             None => return fail(ErrorCode::InvalidRequest, "group request has no op".into()),
@@ -999,72 +930,6 @@ mod tests {
         assert!(page.members.is_empty() && !page.has_more);
         let page = members_page(1, &g, "zzz", 0, 65_536);
         assert!(page.members.is_empty() && !page.has_more);
-    }
-
-    #[test]
-    fn every_group_op_checks_its_strings_at_the_edge() {
-        let long = "x".repeat(65);
-        let many: Vec<String> = (0..501).map(|i| format!("u{i}")).collect();
-        let refused = [
-            GroupOp::Create(proto::CreateGroup {
-                group_id: long.clone(),
-                ..Default::default()
-            }),
-            GroupOp::Create(proto::CreateGroup {
-                name: "n".repeat(257),
-                ..Default::default()
-            }),
-            GroupOp::Create(proto::CreateGroup {
-                members: many.clone(),
-                ..Default::default()
-            }),
-            GroupOp::AddMembers(proto::AddMembers {
-                group_id: "g".into(),
-                members: vec![long.clone()],
-            }),
-            GroupOp::RemoveMembers(proto::RemoveMembers {
-                group_id: "g".into(),
-                members: many,
-            }),
-            GroupOp::Leave(proto::LeaveGroup {
-                group_id: "".into(),
-            }),
-            GroupOp::Dissolve(proto::DissolveGroup {
-                group_id: long.clone(),
-            }),
-            GroupOp::ListMembers(proto::ListMembers {
-                group_id: "g".repeat(300),
-                ..Default::default()
-            }),
-            GroupOp::ListMembers(proto::ListMembers {
-                group_id: "g".into(),
-                after_user_id: long.clone(),
-                limit: 0,
-            }),
-            GroupOp::SetRole(proto::SetRole {
-                group_id: "g".into(),
-                user_id: "".into(),
-                role: 2,
-            }),
-        ];
-        for op in &refused {
-            assert!(check_group_op(op).is_err(), "{op:?}");
-        }
-        let fine = [
-            GroupOp::Create(proto::CreateGroup {
-                group_id: "".into(),
-                name: "n".repeat(256),
-                members: vec!["m".repeat(64)],
-            }),
-            GroupOp::ListMembers(proto::ListMembers {
-                group_id: "g".repeat(64),
-                after_user_id: "".into(),
-                limit: 0,
-            }),
-        ];
-        for op in &fine {
-            assert_eq!(check_group_op(op), Ok(()), "{op:?}");
-        }
     }
 
     #[test]
