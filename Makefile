@@ -57,7 +57,7 @@ bench: build
 	$(CARGO_TARGET_DIR)/release/ferry-bench suite --spawn
 
 ## fuzz: run every fuzz target (FUZZ_TARGETS, as crate-dir:target) for FUZZ_SECONDS each (default 300).
-FUZZ_TARGETS ?= protocol:decode_frames protocol:decode_envelope protocol:requests nsq:decode_nsq_frames auth:verify_token auth:secret_file
+FUZZ_TARGETS ?= protocol:decode_frames protocol:decode_envelope protocol:requests nsq:decode_nsq_frames auth:verify_token auth:secret_file admin-api:admin_bodies
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	for t in $(FUZZ_TARGETS); do \

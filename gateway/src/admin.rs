@@ -43,12 +43,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use base64::Engine;
 use bytes::Bytes;
+use ferry_admin_api as bodies;
 use ferry_protocol::ErrorCode;
-use ferry_protocol::limits::{
-    self, MAX_CONTENT_TYPE_BYTES, MAX_GROUP_NAME_BYTES, MAX_KICK_MESSAGE_BYTES,
-};
+use ferry_protocol::limits;
 use ferry_protocol::proto::GroupRole;
 use ferry_storage::{Group, GroupChange, Op, Outcome, Refusal, Target};
 use serde::{Deserialize, Serialize};
@@ -151,6 +149,20 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError
 
 pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
     error(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+impl From<bodies::BodyError> for ApiError {
+    fn from(e: bodies::BodyError) -> Self {
+        match e {
+            bodies::BodyError::BadJson(_) => {
+                error(StatusCode::BAD_REQUEST, "bad_json", e.to_string())
+            }
+            bodies::BodyError::Invalid(message) => bad_request(message),
+            bodies::BodyError::TooLarge(message) => {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+            }
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -265,18 +277,6 @@ async fn method_not_allowed() -> ApiError {
 
 // ----------------------------------------------------------------- helpers
 
-/// Parses a JSON body (whatever its content type: `curl -d` sends a form
-/// type by default).
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("bad JSON: {e}"),
-        )
-    })
-}
-
 /// An id of 1..=64 bytes ([`limits::check_id`]), or 400.
 fn check_id(what: &'static str, id: &str) -> Result<(), ApiError> {
     limits::check_id(what, id).map_err(|e| bad_request(e.to_string()))
@@ -285,12 +285,6 @@ fn check_id(what: &'static str, id: &str) -> Result<(), ApiError> {
 /// A string of `min..=max` bytes ([`limits::check_len`]), or 400.
 fn check_len(what: &'static str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
     limits::check_len(what, value, min, max).map_err(|e| bad_request(e.to_string()))
-}
-
-/// A list of user ids for one group change ([`limits::check_user_list`]:
-/// at most 500, each 1..=64 bytes), or 400.
-fn check_users(what: &'static str, ids: &[String]) -> Result<(), ApiError> {
-    limits::check_user_list(what, ids).map_err(bad_request)
 }
 
 /// Submits `op` to the committer and waits for its outcome; a refusal or
@@ -395,30 +389,11 @@ fn ok(value: impl Serialize) -> ApiResult {
 
 // ------------------------------------------------------------------ groups
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateGroup {
-    /// Omit to have the server pick one.
-    group_id: Option<String>,
-    #[serde(default)]
-    name: String,
-    /// Becomes the owner; group changes through this API act as them.
-    owner: String,
-    #[serde(default)]
-    members: Vec<String>,
-}
-
 async fn create_group(
     State(state): State<AdminState>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let req: CreateGroup = parse(&body?)?;
-    if let Some(id) = &req.group_id {
-        check_id("group_id", id)?;
-    }
-    check_id("owner", &req.owner)?;
-    check_len("name", &req.name, 0, MAX_GROUP_NAME_BYTES)?;
-    check_users("members", &req.members)?;
+    let req = bodies::create_group(&body?)?;
     let op = Op::Group {
         actor: req.owner.as_str().into(),
         change: GroupChange::Create {
@@ -548,28 +523,13 @@ struct MembersChanged {
     member_count: usize,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Members {
-    members: Vec<String>,
-}
-
-fn parse_members(body: &[u8]) -> Result<Vec<String>, ApiError> {
-    let req: Members = parse(body)?;
-    if req.members.is_empty() {
-        return Err(bad_request("members must not be empty"));
-    }
-    check_users("members", &req.members)?;
-    Ok(req.members)
-}
-
 async fn add_members(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let members = parse_members(&body?)?;
+    let members = bodies::members(&body?)?;
     let group = group_of(&state, &id).await?;
     let op = Op::Group {
         actor: group.meta.owner.as_str().into(),
@@ -613,7 +573,7 @@ async fn remove_members(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let Path(id) = id?;
-    let members = parse_members(&body?)?;
+    let members = bodies::members(&body?)?;
     remove(&state, id, members).await
 }
 
@@ -634,21 +594,6 @@ async fn remove_member(
 }
 
 // ---------------------------------------------------------------- messages
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SystemMessage {
-    #[serde(default = "text_plain")]
-    content_type: String,
-    /// The body as UTF-8 text...
-    text: Option<String>,
-    /// ...or as base64 (standard alphabet, padded) for binary bodies.
-    body_base64: Option<String>,
-}
-
-fn text_plain() -> String {
-    "text/plain".into()
-}
 
 async fn message_user(
     State(state): State<AdminState>,
@@ -671,30 +616,13 @@ async fn message_group(
 }
 
 async fn system_message(state: &AdminState, to: Target, body: &[u8]) -> ApiResult {
-    let req: SystemMessage = parse(body)?;
-    let body = match (req.text, req.body_base64) {
-        (Some(text), None) => Bytes::from(text),
-        (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-            .decode(b64.as_bytes())
-            .map(Bytes::from)
-            .map_err(|e| bad_request(format!("body_base64: {e}")))?,
-        _ => return Err(bad_request("give exactly one of text and body_base64")),
-    };
-    check_len("content_type", &req.content_type, 0, MAX_CONTENT_TYPE_BYTES)?;
-    let max = limits::send_content_limit(state.shared.config.max_frame_bytes as usize);
-    if body.len() + req.content_type.len() > max {
-        return Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("body + content_type must be at most {max} bytes"),
-        ));
-    }
+    let req = bodies::system_message(body, state.shared.config.max_frame_bytes as usize)?;
     let op = Op::Send {
         from: "".into(),
         client_msg_id: 0,
         to: to.clone(),
         content_type: req.content_type,
-        body,
+        body: req.body,
         system: true,
     };
     match commit(state, op).await? {
@@ -731,15 +659,6 @@ async fn system_message(state: &AdminState, to: Target, body: &[u8]) -> ApiResul
 
 // ------------------------------------------------------------------- users
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Kick {
-    /// Only this device; all of the user's devices when absent.
-    device_id: Option<String>,
-    /// Shown to the client in the Kick frame.
-    message: Option<String>,
-}
-
 async fn kick_user(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
@@ -747,19 +666,7 @@ async fn kick_user(
 ) -> ApiResult {
     let Path(user) = id?;
     check_id("user id", &user)?;
-    let body = body?;
-    // The body is optional: an empty one kicks every device.
-    let req: Kick = if body.iter().all(u8::is_ascii_whitespace) {
-        Kick::default()
-    } else {
-        parse(&body)?
-    };
-    if let Some(device) = &req.device_id {
-        check_id("device_id", device)?;
-    }
-    if let Some(message) = &req.message {
-        check_len("message", message, 0, MAX_KICK_MESSAGE_BYTES)?;
-    }
+    let req = bodies::kick(&body?)?;
     let message = req
         .message
         .unwrap_or_else(|| "disconnected by an operator".into());
