@@ -71,6 +71,7 @@ mod inline;
 mod link;
 mod read;
 mod recall;
+mod revoke;
 mod send;
 #[cfg(test)]
 mod tests;
@@ -292,6 +293,17 @@ pub enum Op {
         epoch: u64,
         /// The batch.
         batch: ferry_protocol::bus::LinkBatch,
+    },
+    /// Refuse `user`'s tokens issued before `issued_before` (on `device`
+    /// only, or on every device); see `revoke`. Stored on the user's home
+    /// node, where its sessions and logins are.
+    Revoke {
+        /// The user.
+        user: Arc<str>,
+        /// One device; `None`: every device.
+        device: Option<Arc<str>>,
+        /// Tokens whose `iat` (Unix seconds) is before this are refused.
+        issued_before: u64,
     },
 }
 

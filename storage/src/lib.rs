@@ -10,6 +10,7 @@
 //! - [`link`]: cluster links: the outbox of batches for peer nodes, the
 //!   link positions, and [`Homes`] (where users and groups live).
 //! - [`retention`]: background removal of expired entries.
+//! - [`revocation`]: token revocations (read at start; written by the committer).
 //! - [`now_ms`] and [`retention_cutoff_ms`]: the one clock and the one
 //!   retention cut-off every part of ferry uses.
 //!
@@ -26,6 +27,7 @@ pub mod keys;
 pub mod link;
 pub mod model;
 pub mod retention;
+pub mod revocation;
 
 pub use commit::{
     CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, LinkOutcome, Op,
@@ -34,6 +36,7 @@ pub use commit::{
 pub use db::{InboxPage, Storage, StorageOptions};
 pub use groups::{Group, Refusal};
 pub use link::{Homes, LinkOut, NodeId};
+pub use revocation::Revocation;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

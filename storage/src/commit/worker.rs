@@ -2,7 +2,7 @@
 //! batch loop (block for one op, drain what is ready, one write), one op's
 //! savepoint and rollback, seqs and message ids, the bounded seq map, and
 //! the delivery thread. The rules of each op live in a file of their own
-//! beside this one (`send`, `recall`, `read`, `ack`, `group`, `link`).
+//! beside this one (`send`, `recall`, `read`, `ack`, `group`, `link`, `revoke`).
 
 use super::*;
 
@@ -589,6 +589,11 @@ impl Worker {
             Op::Ack { user, device, seq } => self.ack(user, device, seq, state),
             Op::Group { actor, change } => self.group_change(actor, change, state),
             Op::ApplyLink { from, epoch, batch } => self.apply_link(from, epoch, batch, state),
+            Op::Revoke {
+                user,
+                device,
+                issued_before,
+            } => self.revoke(user, device, issued_before, state),
         };
         result.unwrap_or_else(|e| Outcome::Failed(e.to_string()))
     }
