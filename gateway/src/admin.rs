@@ -16,6 +16,7 @@
 //!  POST   /admin/users/{id}/revoke               revoke tokens issued before a time
 //!  GET    /admin/users/{id}/presence             devices online, last seen
 //!  GET    /admin/stats                           server stats
+//!  POST   /admin/backup                          back up this node's database
 //! ```
 //!
 //! Every call needs `Authorization: Bearer <admin token>`, checked before
@@ -117,6 +118,7 @@ pub(crate) fn routes(state: AdminState) -> axum::Router {
         .route("/users/{id}/revoke", post(revoke_tokens))
         .route("/users/{id}/presence", get(presence))
         .route("/stats", get(stats))
+        .route("/backup", post(backup))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside the token check: a call is forwarded only once it is
@@ -915,6 +917,81 @@ async fn presence(
         online: !conns.is_empty(),
         devices,
         last_seen_ms,
+    })
+}
+
+// ------------------------------------------------------------------ backup
+
+/// Backs up this node's database into the configured `backup_dir` while it
+/// serves (docs/OPERATIONS.md, "Backups and restore"), with the data dir's
+/// secret files beside it.
+async fn backup(State(state): State<AdminState>) -> ApiResult {
+    let shared = &state.shared;
+    let Some(dir) = shared.config.backup_dir.clone() else {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "no_backup_dir",
+            "no backup_dir is configured on this node (--backup-dir, FERRY_BACKUP_DIR)",
+        ));
+    };
+    let started = std::time::Instant::now();
+    let made = shared.router.backup(dir.clone()).await;
+    let info = match made {
+        Ok(info) => info,
+        Err(e) => {
+            metrics::counter!("ferry_backups_total", "result" => "failed").increment(1);
+            tracing::error!(error = %e, dir = %dir.display(), "admin: backup failed");
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backup_failed",
+                format!("backup into {} failed: {e}", dir.display()),
+            ));
+        }
+    };
+    let data_dir = shared.config.data_dir.clone();
+    let secrets_dir = dir.clone();
+    let copied = tokio::task::spawn_blocking(move || {
+        crate::backup_files::copy_secret_files(&data_dir, &secrets_dir, true)
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backup_failed",
+            format!("copying the secret files into {}: {e}", dir.display()),
+        )
+    })?;
+    let took = started.elapsed();
+    metrics::counter!("ferry_backups_total", "result" => "ok").increment(1);
+    metrics::gauge!("ferry_backup_last_success_timestamp_seconds")
+        .set(crate::auth::unix_now() as f64);
+    info!(
+        backup_id = info.id,
+        size = info.size,
+        files = info.files,
+        took_ms = took.as_millis() as u64,
+        dir = %dir.display(),
+        "admin: backup made"
+    );
+    #[derive(Serialize)]
+    struct Made {
+        backup_id: u32,
+        timestamp: i64,
+        size_bytes: u64,
+        files: u32,
+        backup_dir: String,
+        secret_files: Vec<&'static str>,
+        took_ms: u64,
+    }
+    ok(Made {
+        backup_id: info.id,
+        timestamp: info.timestamp,
+        size_bytes: info.size,
+        files: info.files,
+        backup_dir: dir.display().to_string(),
+        secret_files: copied,
+        took_ms: took.as_millis() as u64,
     })
 }
 

@@ -940,6 +940,20 @@ impl Router {
             .map_err(|_| RouterError::ShuttingDown)
     }
 
+    /// Backs up the database into `dir` while the node serves (RocksDB's
+    /// BackupEngine, incremental; see [`ferry_storage::backup`]), on a
+    /// blocking thread. Everything acknowledged before the call is in it.
+    pub async fn backup(
+        &self,
+        dir: std::path::PathBuf,
+    ) -> Result<ferry_storage::BackupInfo, RouterError> {
+        let storage = self.shared.storage.clone();
+        tokio::task::spawn_blocking(move || storage.backup(&dir))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?
+            .map_err(RouterError::from)
+    }
+
     /// The bus and the node `user` lives on, when that is another node.
     fn remote_node_of(&self, user: &str) -> Option<(&Arc<Bus>, ferry_storage::NodeId)> {
         let bus = self.bus.as_ref()?;

@@ -25,6 +25,7 @@
 //!           b"link_out"[peer u16]                        → last link seq assigned for peer u64
 //!           b"link_in"[origin u16]                       → origin's epoch u64, last seq applied u64
 //!           b"link_epoch"                                → this data dir's link epoch u64
+//!           b"seq_floor"                                 → lowest seq an inbox may get next u64 (set by a restore)
 //!           b"revoked"[len][user]                        → the user's tokens issued before, Unix s u64
 //!           b"revoked"[len][user][len][device]           → the same for one device of the user
 //! outbox    [peer u16][link seq u64]                     → bus Envelope (a LinkBatch), until confirmed
@@ -214,6 +215,10 @@ pub fn link_in_key(origin: u16) -> Vec<u8> {
     k
 }
 
+/// The lowest seq an inbox may get next, in `meta`: set by a restore from
+/// a backup (see `crate::backup`), absent otherwise.
+pub const META_SEQ_FLOOR: &[u8] = b"seq_floor";
+
 /// The prefix of every token revocation in `meta` (see `crate::revocation`).
 pub const META_REVOKED_PREFIX: &[u8] = b"revoked";
 
@@ -329,7 +334,12 @@ mod tests {
         trailing.push(0);
         assert_eq!(decode_revoked_key(&trailing), None);
         // No other meta key falls inside the revocations' range.
-        for other in [META_SCHEMA_VERSION, META_MSG_ID_HIGH_WATER, META_LINK_EPOCH] {
+        for other in [
+            META_SCHEMA_VERSION,
+            META_MSG_ID_HIGH_WATER,
+            META_LINK_EPOCH,
+            META_SEQ_FLOOR,
+        ] {
             assert!(!other.starts_with(META_REVOKED_PREFIX));
         }
     }

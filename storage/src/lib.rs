@@ -4,6 +4,8 @@
 //! - [`model`]: the stored values.
 //! - [`db`]: opening (schema check) and every read: inbox pages, history,
 //!   cursors, dedup records.
+//! - [`backup`]: backups while serving, and restore (with the seq floor
+//!   and id jump that keep a restored node from handing anything out twice).
 //! - [`commit`]: the group committer, the one writer: one `WriteBatch` and
 //!   one WAL sync per batch, outcomes reported after durability.
 //! - [`groups`]: group membership snapshots and their cache.
@@ -20,6 +22,7 @@
 //! pointers (recipient, sender's copy) and the dedup record.
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod commit;
 pub mod db;
 pub mod groups;
@@ -29,6 +32,7 @@ pub mod model;
 pub mod retention;
 pub mod revocation;
 
+pub use backup::{BackupInfo, Restored};
 pub use commit::{
     CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, LinkOutcome, Op,
     Outcome, Target, max_entry_bytes_for,

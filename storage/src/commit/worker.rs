@@ -25,6 +25,10 @@ pub(super) struct Worker {
     pub(super) link_in: HashMap<NodeId, (u64, u64), RandomState>,
     /// This data dir's link epoch (cluster mode; 0 otherwise).
     pub(super) link_epoch: u64,
+    /// The lowest seq an inbox may get next: 0, or after a restore from a
+    /// backup the restore's generation (see `crate::backup`), so that no
+    /// seq the lost tail may have used is handed out again.
+    pub(super) seq_floor: u64,
 }
 
 /// The per-user next seq, bounded: two generations of at most half the
@@ -236,6 +240,7 @@ impl Worker {
             link_out: HashMap::default(),
             link_in: HashMap::default(),
             link_epoch: 0,
+            seq_floor: 0,
         }
     }
 
@@ -447,7 +452,7 @@ impl Worker {
         let previous = self.next_seq.get(user);
         let current = match previous {
             Some(v) => v,
-            None => self.storage.max_seq(user)? + 1,
+            None => (self.storage.max_seq(user)? + 1).max(self.seq_floor),
         };
         self.next_seq.insert(user.clone(), current + 1);
         self.undo.seqs.push((user.clone(), previous));
