@@ -3,6 +3,8 @@
 //! - `ferry serve`: run a node (see `ferry serve --help` for every setting).
 //! - `ferry token --uid U`: mint a client token with the node's secret.
 //! - `ferry chat`: a terminal client (see `ferry chat --help`).
+//! - `ferry backup` / `ferry restore`: back up a stopped node's data dir,
+//!   restore one (a running node is backed up with `POST /admin/backup`).
 
 mod chat;
 
@@ -40,6 +42,40 @@ enum Command {
     /// Interactive by default (type /help). For scripts: --send TEXT (with
     /// --to or --group) waits for the ack; --recv N prints N messages.
     Chat(chat::ChatArgs),
+    /// Back up a stopped node's database (and secret files) into a backup
+    /// dir; incremental. For a running node use `POST /admin/backup`.
+    Backup(BackupArgs),
+    /// Restore a backup into a data dir that holds no database; the node
+    /// restored hands out seqs and message ids past any it handed out
+    /// before (docs/OPERATIONS.md, "Backups and restore").
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The stopped node's data directory.
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "./data")]
+    data_dir: std::path::PathBuf,
+    /// The backup directory (created if missing; earlier backups in it
+    /// share unchanged files with the new one).
+    #[arg(long)]
+    to: std::path::PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The backup directory.
+    #[arg(long)]
+    from: std::path::PathBuf,
+    /// The data directory to restore into (must hold no database).
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "./data")]
+    data_dir: std::path::PathBuf,
+    /// The backup to restore [default: the newest].
+    #[arg(long)]
+    backup_id: Option<u32>,
+    /// Only list the backups in --from.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(clap::Args)]
@@ -67,7 +103,72 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Token(args) => token(args),
         Command::Chat(args) => chat(args),
+        Command::Backup(args) => backup(args),
+        Command::Restore(args) => restore(args),
     }
+}
+
+fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let (info, secrets) = ferry_gateway::backup_files::backup_stopped(&args.data_dir, &args.to)
+        .with_context(|| {
+            format!(
+                "backing up {} into {} (is the node stopped? a running node is backed up with \
+                 POST /admin/backup)",
+                args.data_dir.display(),
+                args.to.display()
+            )
+        })?;
+    println!(
+        "backup {} made in {}: {} files, {} bytes; secret files: {}",
+        info.id,
+        args.to.display(),
+        info.files,
+        info.size,
+        if secrets.is_empty() {
+            "none".to_string()
+        } else {
+            secrets.join(", ")
+        }
+    );
+    Ok(())
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    if args.list {
+        let backups = ferry_gateway::backup_files::list(&args.from)
+            .with_context(|| format!("listing the backups in {}", args.from.display()))?;
+        for b in backups {
+            println!(
+                "backup {}: made at {} (Unix s), {} files, {} bytes",
+                b.id, b.timestamp, b.files, b.size
+            );
+        }
+        return Ok(());
+    }
+    let (restored, secrets) =
+        ferry_gateway::backup_files::restore(&args.from, &args.data_dir, args.backup_id)
+            .with_context(|| {
+                format!(
+                    "restoring {} into {}",
+                    args.from.display(),
+                    args.data_dir.display()
+                )
+            })?;
+    println!(
+        "backup {} (made at {} Unix s) restored into {}; next seqs start at {} or above, \
+         message ids above {}; secret files: {}",
+        restored.backup.id,
+        restored.backup.timestamp,
+        args.data_dir.display(),
+        restored.seq_floor,
+        restored.msg_id_high_water,
+        if secrets.is_empty() {
+            "none".to_string()
+        } else {
+            secrets.join(", ")
+        }
+    );
+    Ok(())
 }
 
 fn chat(args: chat::ChatArgs) -> anyhow::Result<()> {

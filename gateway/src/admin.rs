@@ -13,8 +13,10 @@
 //!  POST   /admin/groups/{id}/messages            system message to a group
 //!  POST   /admin/users/{id}/messages             system message to a user
 //!  POST   /admin/users/{id}/kick                 kick all devices, or one
+//!  POST   /admin/users/{id}/revoke               revoke tokens issued before a time
 //!  GET    /admin/users/{id}/presence             devices online, last seen
 //!  GET    /admin/stats                           server stats
+//!  POST   /admin/backup                          back up this node's database
 //! ```
 //!
 //! Every call needs `Authorization: Bearer <admin token>`, checked before
@@ -111,8 +113,10 @@ pub(crate) fn routes(state: AdminState) -> axum::Router {
         .route("/groups/{id}/messages", post(message_group))
         .route("/users/{id}/messages", post(message_user))
         .route("/users/{id}/kick", post(kick_user))
+        .route("/users/{id}/revoke", post(revoke_tokens))
         .route("/users/{id}/presence", get(presence))
         .route("/stats", get(stats))
+        .route("/backup", post(backup))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside the token check: a call is forwarded only once it is
@@ -704,6 +708,78 @@ async fn kick_user(
     })
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Revoke {
+    /// Only this device's tokens; every device's when absent.
+    device_id: Option<String>,
+    /// Tokens whose `iat` (Unix seconds) is before this are refused.
+    /// Default: the second after now, so every token issued up to this
+    /// call is refused.
+    issued_before: Option<u64>,
+}
+
+/// How far ahead of now `issued_before` may be: a revocation is about
+/// tokens already issued, and a value in milliseconds (a common mistake)
+/// would lock the user out for ever.
+const MAX_REVOKE_AHEAD_SECS: u64 = 86_400;
+
+async fn revoke_tokens(
+    State(state): State<AdminState>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let Path(user) = id?;
+    check_id("user id", &user)?;
+    let body = body?;
+    // The body is optional: an empty one revokes every token issued so far.
+    let req: Revoke = if body.iter().all(u8::is_ascii_whitespace) {
+        Revoke::default()
+    } else {
+        parse(&body)?
+    };
+    if let Some(device) = &req.device_id {
+        check_id("device_id", device)?;
+    }
+    let now = crate::auth::unix_now();
+    let issued_before = req.issued_before.unwrap_or(now + 1);
+    if issued_before > now + MAX_REVOKE_AHEAD_SECS {
+        return Err(bad_request(format!(
+            "issued_before is Unix seconds, at most {MAX_REVOKE_AHEAD_SECS} s ahead of now ({now})"
+        )));
+    }
+    // Durable first (like every write), then in force and kicked: an
+    // answered revocation survives a crash.
+    commit(
+        &state,
+        Op::Revoke {
+            user: user.as_str().into(),
+            device: req.device_id.as_deref().map(Into::into),
+            issued_before,
+        },
+    )
+    .await?;
+    let (in_force, kicked) =
+        state
+            .shared
+            .router
+            .apply_revocation(&user, req.device_id.as_deref(), issued_before);
+    info!(%user, device = ?req.device_id, issued_before = in_force, ?kicked, "admin: tokens revoked");
+    #[derive(Serialize)]
+    struct Revoked {
+        user_id: String,
+        device_id: Option<String>,
+        issued_before: u64,
+        kicked: Vec<String>,
+    }
+    ok(Revoked {
+        user_id: user,
+        device_id: req.device_id,
+        issued_before: in_force,
+        kicked,
+    })
+}
+
 async fn presence(
     State(state): State<AdminState>,
     id: Result<Path<String>, PathRejection>,
@@ -751,6 +827,81 @@ async fn presence(
     })
 }
 
+// ------------------------------------------------------------------ backup
+
+/// Backs up this node's database into the configured `backup_dir` while it
+/// serves (docs/OPERATIONS.md, "Backups and restore"), with the data dir's
+/// secret files beside it.
+async fn backup(State(state): State<AdminState>) -> ApiResult {
+    let shared = &state.shared;
+    let Some(dir) = shared.config.backup_dir.clone() else {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "no_backup_dir",
+            "no backup_dir is configured on this node (--backup-dir, FERRY_BACKUP_DIR)",
+        ));
+    };
+    let started = std::time::Instant::now();
+    let made = shared.router.backup(dir.clone()).await;
+    let info = match made {
+        Ok(info) => info,
+        Err(e) => {
+            metrics::counter!("ferry_backups_total", "result" => "failed").increment(1);
+            tracing::error!(error = %e, dir = %dir.display(), "admin: backup failed");
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "backup_failed",
+                format!("backup into {} failed: {e}", dir.display()),
+            ));
+        }
+    };
+    let data_dir = shared.config.data_dir.clone();
+    let secrets_dir = dir.clone();
+    let copied = tokio::task::spawn_blocking(move || {
+        crate::backup_files::copy_secret_files(&data_dir, &secrets_dir, true)
+    })
+    .await
+    .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+    .map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "backup_failed",
+            format!("copying the secret files into {}: {e}", dir.display()),
+        )
+    })?;
+    let took = started.elapsed();
+    metrics::counter!("ferry_backups_total", "result" => "ok").increment(1);
+    metrics::gauge!("ferry_backup_last_success_timestamp_seconds")
+        .set(crate::auth::unix_now() as f64);
+    info!(
+        backup_id = info.id,
+        size = info.size,
+        files = info.files,
+        took_ms = took.as_millis() as u64,
+        dir = %dir.display(),
+        "admin: backup made"
+    );
+    #[derive(Serialize)]
+    struct Made {
+        backup_id: u32,
+        timestamp: i64,
+        size_bytes: u64,
+        files: u32,
+        backup_dir: String,
+        secret_files: Vec<&'static str>,
+        took_ms: u64,
+    }
+    ok(Made {
+        backup_id: info.id,
+        timestamp: info.timestamp,
+        size_bytes: info.size,
+        files: info.files,
+        backup_dir: dir.display().to_string(),
+        secret_files: copied,
+        took_ms: took.as_millis() as u64,
+    })
+}
+
 async fn stats(State(state): State<AdminState>) -> ApiResult {
     let shared = &state.shared;
     #[derive(Serialize)]
@@ -763,6 +914,7 @@ async fn stats(State(state): State<AdminState>) -> ApiResult {
         max_connections: u32,
         sessions_online: u64,
         last_seen_users: usize,
+        revoked_users: usize,
     }
     ok(Stats {
         node_id: shared.router.node_id(),
@@ -773,6 +925,7 @@ async fn stats(State(state): State<AdminState>) -> ApiResult {
         max_connections: shared.config.max_connections,
         sessions_online: shared.router.sessions().online(),
         last_seen_users: shared.last_seen.len(),
+        revoked_users: shared.router.revoked_users(),
     })
 }
 

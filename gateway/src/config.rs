@@ -77,6 +77,10 @@ pub struct Config {
     /// `<data_dir>/admin.token` is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Where `POST /admin/backup` writes backups (RocksDB BackupEngine,
+    /// incremental). Unset: the call is refused. Best on another disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_dir: Option<PathBuf>,
     /// Seconds a connection may take to flush its goodbye on shutdown.
     pub shutdown_timeout_secs: u32,
     /// Write durability of acknowledged messages.
@@ -112,6 +116,7 @@ impl Default for Config {
             max_pending_auth: 1024,
             jwt_secret: None,
             admin_token: None,
+            backup_dir: None,
             shutdown_timeout_secs: 10,
             durability: Durability::Fsync,
             retention_days: 30,
@@ -179,6 +184,9 @@ pub struct ServeArgs {
     /// Bearer token for the admin HTTP API [default: <data-dir>/admin.token, created on first start].
     #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Directory for backups made with `POST /admin/backup` (incremental; best on another disk) [default: none, the call is refused].
+    #[arg(long, env = "FERRY_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
     /// Seconds to drain connections on SIGTERM/SIGINT [default: 10].
     #[arg(long, env = "FERRY_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u32>,
@@ -581,13 +589,16 @@ impl ServeArgs {
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token.clone();
         }
+        if self.backup_dir.is_some() {
+            config.backup_dir = self.backup_dir.clone();
+        }
     }
 }
 
 impl Config {
     /// Where RocksDB lives inside the data dir.
     pub fn db_path(&self) -> PathBuf {
-        self.data_dir.join("db")
+        ferry_storage::backup::db_path_of(&self.data_dir)
     }
 
     /// The storage settings.

@@ -135,6 +135,7 @@ pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: 
         shared.config.outbox_limits(),
     );
     conn.touch(shared.clock.now());
+    conn.set_token_issued_at(auth.issued_at);
 
     let auth_ok = proto::AuthOk {
         user_id: auth.user.clone(),
@@ -153,9 +154,15 @@ pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: 
         .login(&conn, auth_ok, auth.last_seq, auth.skip_sync)
         .await
     {
-        m::rejected(ErrorCode::Unavailable);
+        let (code, message) = match e {
+            ferry_router::RouterError::TokenRevoked => {
+                (ErrorCode::TokenRevoked, ferry_router::TOKEN_REVOKED_MESSAGE)
+            }
+            _ => (ErrorCode::Unavailable, "login failed, retry later"),
+        };
+        m::rejected(code);
         info!(?peer, user = %conn.user(), error = %e, "login failed");
-        let frame = Frame::closing_error(ErrorCode::Unavailable, "login failed, retry later");
+        let frame = Frame::closing_error(code, message);
         let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
         return;
     }
@@ -198,6 +205,9 @@ struct AuthRequest {
     device: String,
     last_seq: u64,
     skip_sync: bool,
+    /// The token's `iat` (Unix seconds), 0 without one (see
+    /// `ferry_router::revocation`).
+    issued_at: u64,
 }
 
 enum AuthFailure {
@@ -272,6 +282,7 @@ async fn read_auth(
         device: auth.device_id,
         last_seq: auth.last_seq,
         skip_sync: auth.skip_sync,
+        issued_at: claims.iat.unwrap_or(0),
     })
 }
 

@@ -13,12 +13,15 @@
 //!   [`admin`] API.
 //! - [`metrics`]: the Prometheus recorder and the gateway's counters.
 //! - [`presence`]: when offline users were last connected.
+//! - [`backup_files`]: backups and restore of a data dir (database and
+//!   secret files).
 //!
 //! The `ferry` binary (serve, token, chat) lives in the `cli/` crate.
 #![warn(missing_docs)]
 
 pub mod admin;
 mod admin_forward;
+pub mod backup_files;
 pub mod config;
 mod connection;
 mod http;

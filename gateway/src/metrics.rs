@@ -251,6 +251,7 @@ const REJECT_CODES: &[ErrorCode] = &[
     ErrorCode::FrameTooLarge,
     ErrorCode::MalformedFrame,
     ErrorCode::BadAuth,
+    ErrorCode::TokenRevoked,
     ErrorCode::TooManyConnections,
     ErrorCode::ShuttingDown,
     ErrorCode::Unavailable,
@@ -264,6 +265,7 @@ const CLOSE_CODES: &[ErrorCode] = &[
     ErrorCode::MalformedFrame,
     ErrorCode::LoggedInElsewhere,
     ErrorCode::Kicked,
+    ErrorCode::TokenRevoked,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
     ErrorCode::Unavailable,
@@ -273,6 +275,7 @@ const CLOSE_CODES: &[ErrorCode] = &[
 const KICK_CODES: &[ErrorCode] = &[
     ErrorCode::LoggedInElsewhere,
     ErrorCode::Kicked,
+    ErrorCode::TokenRevoked,
     ErrorCode::ShuttingDown,
 ];
 

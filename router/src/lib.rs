@@ -10,6 +10,7 @@
 //!   sees it ([`ferry_protocol::requests`], `target_of`).
 //! - `delivery`: what happens after a batch is durable: acks, replies, and
 //!   the fan-out of inbox entries to online connections.
+//! - [`revocation`]: token revocations in memory, checked at every login.
 //!
 //! # Ordering
 //!
@@ -24,6 +25,7 @@
 
 pub mod bus;
 mod delivery;
+pub mod revocation;
 pub mod session;
 
 use std::sync::Arc;
@@ -57,6 +59,9 @@ pub enum RouterError {
     /// The cluster bus could not start.
     #[error("cluster bus: {0}")]
     Bus(String),
+    /// The connection's token was revoked (answered `TOKEN_REVOKED`).
+    #[error("token revoked")]
+    TokenRevoked,
 }
 
 /// Router settings.
@@ -91,6 +96,9 @@ impl Default for RouterConfig {
     }
 }
 
+/// The message of the `Error` or `Kick` a revoked token gets.
+pub const TOKEN_REVOKED_MESSAGE: &str = "this token was revoked; get a new one";
+
 /// Entries per login-sync page and default Sync page.
 pub const SYNC_PAGE: usize = 200;
 /// Largest Sync page a client may ask for.
@@ -116,6 +124,8 @@ pub struct Router {
     committer: Committer<Reply>,
     /// The cluster bus, in cluster mode.
     bus: Option<Arc<Bus>>,
+    /// Token revocations, loaded at start, checked at every login.
+    revocations: revocation::Revocations,
 }
 
 fn invalid(message: impl Into<String>) -> (ErrorCode, String) {
@@ -256,6 +266,8 @@ impl Router {
             }
             None => None,
         };
+        // One record per revoked user or device (written by operators).
+        let revocations = revocation::Revocations::new(storage.revocations()?);
         let committer = Committer::start(storage, commit, move |results, links| {
             sink_shared.committed(results, links)
         })?;
@@ -264,6 +276,7 @@ impl Router {
             shared,
             committer,
             bus,
+            revocations,
         })
     }
 
@@ -380,6 +393,11 @@ impl Router {
     /// Queues `auth_ok` (with the inbox's max seq filled in), registers
     /// `conn` (kicking the connection it replaces) and starts its sync from
     /// `last_seq` unless `skip_sync`.
+    ///
+    /// Refuses with [`RouterError::TokenRevoked`], before anything is
+    /// queued, a connection whose token is revoked
+    /// ([`Conn::token_issued_at`]); one revoked while it logs in is kicked
+    /// with `TOKEN_REVOKED` right after it registers.
     pub async fn login(
         &self,
         conn: &Arc<Conn>,
@@ -387,6 +405,9 @@ impl Router {
         last_seq: u64,
         skip_sync: bool,
     ) -> Result<(), RouterError> {
+        if self.token_revoked(conn) {
+            return Err(RouterError::TokenRevoked);
+        }
         let storage = self.shared.storage.clone();
         let user = conn.user().clone();
         let max_seq = tokio::task::spawn_blocking(move || storage.max_seq(&user))
@@ -407,10 +428,52 @@ impl Router {
                 "this device logged in on another connection",
             );
         }
+        // A revocation recorded since the check above kicked the registered
+        // connections, which may not have included this one yet.
+        if self.token_revoked(conn) {
+            conn.kick(ErrorCode::TokenRevoked, TOKEN_REVOKED_MESSAGE);
+        }
         if !skip_sync {
             delivery::spawn_sync(self.shared.clone(), conn.clone());
         }
         Ok(())
+    }
+
+    fn token_revoked(&self, conn: &Conn) -> bool {
+        self.revocations
+            .refuses(conn.user(), conn.device(), conn.token_issued_at())
+    }
+
+    /// Applies a committed revocation (`Op::Revoke`, durable before this
+    /// is called): later logins with `user`'s tokens issued before
+    /// `issued_before` (on `device`, or any device) are refused, and the
+    /// online connections holding such tokens are kicked now with
+    /// `TOKEN_REVOKED`. Returns the time now in force for those tokens (a
+    /// later revocation recorded before wins) and the kicked devices, sorted.
+    pub fn apply_revocation(
+        &self,
+        user: &str,
+        device: Option<&str>,
+        issued_before: u64,
+    ) -> (u64, Vec<String>) {
+        let in_force = self.revocations.record(user, device, issued_before);
+        let mut kicked: Vec<String> = self
+            .shared
+            .sessions
+            .connections(user)
+            .into_iter()
+            .filter(|c| device.is_none_or(|d| c.device().as_ref() == d))
+            .filter(|c| self.token_revoked(c))
+            .filter(|c| c.kick(ErrorCode::TokenRevoked, TOKEN_REVOKED_MESSAGE))
+            .map(|c| c.device().to_string())
+            .collect();
+        kicked.sort();
+        (in_force, kicked)
+    }
+
+    /// Users with a token revocation (the `/admin/stats` figure).
+    pub fn revoked_users(&self) -> usize {
+        self.revocations.users()
     }
 
     /// Forgets `conn` if it is still the registered connection of its device.
@@ -806,6 +869,20 @@ impl Router {
             .submit(op, Reply::Admin(reply))
             .await
             .map_err(|_| RouterError::ShuttingDown)
+    }
+
+    /// Backs up the database into `dir` while the node serves (RocksDB's
+    /// BackupEngine, incremental; see [`ferry_storage::backup`]), on a
+    /// blocking thread. Everything acknowledged before the call is in it.
+    pub async fn backup(
+        &self,
+        dir: std::path::PathBuf,
+    ) -> Result<ferry_storage::BackupInfo, RouterError> {
+        let storage = self.shared.storage.clone();
+        tokio::task::spawn_blocking(move || storage.backup(&dir))
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?
+            .map_err(RouterError::from)
     }
 
     /// The bus and the node `user` lives on, when that is another node.

@@ -293,6 +293,10 @@ pub struct Conn {
     /// A stand-in for a connection on another node (a forwarded request):
     /// never registered, never forwards again.
     remote: std::sync::atomic::AtomicBool,
+    /// When the token the connection authenticated with was issued (JWT
+    /// `iat`, Unix seconds; 0 without one): a revocation kicks sessions
+    /// whose token is older than it.
+    token_issued_at: AtomicU64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -417,7 +421,19 @@ impl Conn {
             space: Notify::new(),
             last_seen: AtomicU32::new(0),
             remote: std::sync::atomic::AtomicBool::new(false),
+            token_issued_at: AtomicU64::new(0),
         })
+    }
+
+    /// Records when the connection's token was issued (JWT `iat`, Unix
+    /// seconds; leave it 0 for a token without `iat`). Set before login.
+    pub fn set_token_issued_at(&self, secs: u64) {
+        self.token_issued_at.store(secs, Ordering::Relaxed);
+    }
+
+    /// When the connection's token was issued (Unix seconds, 0 if unknown).
+    pub fn token_issued_at(&self) -> u64 {
+        self.token_issued_at.load(Ordering::Relaxed)
     }
 
     /// Marks this handle as the stand-in for a connection of another node

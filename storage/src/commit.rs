@@ -22,7 +22,9 @@
 //! strictly increasing per user, the dedup check cannot race with itself,
 //! and group checks (roles, limits) see every earlier change. The thread
 //! owns the per-user "next seq" map, loaded lazily from the inbox's last
-//! key; a failed write rolls the map back, so no seq is ever skipped. The
+//! key (or the seq floor a restore from a backup set, when that is higher:
+//! see `crate::backup`); a failed write rolls the map back, so no seq is
+//! ever skipped. The
 //! map is bounded ([`CommitOptions::seq_cache_entries`]): between batches,
 //! after a successful write, the least recently used part of it is dropped
 //! (two generations); a dropped user's next seq is read again from the
@@ -71,6 +73,7 @@ mod inline;
 mod link;
 mod read;
 mod recall;
+mod revoke;
 mod send;
 #[cfg(test)]
 mod tests;
@@ -293,6 +296,17 @@ pub enum Op {
         /// The batch.
         batch: ferry_protocol::bus::LinkBatch,
     },
+    /// Refuse `user`'s tokens issued before `issued_before` (on `device`
+    /// only, or on every device); see `revoke`. Stored on the user's home
+    /// node, where its sessions and logins are.
+    Revoke {
+        /// The user.
+        user: Arc<str>,
+        /// One device; `None`: every device.
+        device: Option<Arc<str>>,
+        /// Tokens whose `iat` (Unix seconds) is before this are refused.
+        issued_before: u64,
+    },
 }
 
 /// One entry to deliver to several inboxes: the same content, each target
@@ -413,18 +427,16 @@ impl<T: Send + 'static> Committer<T> {
         sink: impl FnMut(Vec<(T, Outcome)>, Vec<LinkOut>) + Send + 'static,
     ) -> Result<Committer<T>, StorageError> {
         let (tx, rx) = mpsc::channel(options.queue_ops.max(1));
-        let last_msg_id = storage
-            .db
-            .get_cf(storage.cf(cf::META), keys::META_MSG_ID_HIGH_WATER)?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let last_msg_id = storage.meta_u64(keys::META_MSG_ID_HIGH_WATER)?;
         // Cluster mode: this data dir's link epoch names its link batches.
         let link_epoch = match options.homes {
             Some(_) => storage.link_epoch()?,
             None => 0,
         };
+        let seq_floor = storage.seq_floor()?;
         let mut worker = Worker::new(storage, options, last_msg_id);
         worker.link_epoch = link_epoch;
+        worker.seq_floor = seq_floor;
         let (deliver_tx, deliver_rx) = std::sync::mpsc::sync_channel(DELIVERY_QUEUE_BATCHES);
         std::thread::Builder::new()
             .name("ferry-deliver".into())

@@ -100,6 +100,8 @@ pub struct Storage {
     /// Set by the committer when a batch write fails, cleared by the next
     /// one that succeeds.
     pub(crate) writes_failing: AtomicBool,
+    /// Held while a backup runs: backups are made one at a time.
+    pub(crate) backup_lock: Mutex<()>,
     /// Test-only fault injection (compiled out of every other build).
     #[cfg(test)]
     pub(crate) faults: Faults,
@@ -203,6 +205,7 @@ impl Storage {
             closing: AtomicBool::new(false),
             sweeper: Mutex::new(None),
             writes_failing: AtomicBool::new(false),
+            backup_lock: Mutex::new(()),
             #[cfg(test)]
             faults: Faults::default(),
         };

@@ -25,6 +25,9 @@
 //!           b"link_out"[peer u16]                        → last link seq assigned for peer u64
 //!           b"link_in"[origin u16]                       → origin's epoch u64, last seq applied u64
 //!           b"link_epoch"                                → this data dir's link epoch u64
+//!           b"seq_floor"                                 → lowest seq an inbox may get next u64 (set by a restore)
+//!           b"revoked"[len][user]                        → the user's tokens issued before, Unix s u64
+//!           b"revoked"[len][user][len][device]           → the same for one device of the user
 //! outbox    [peer u16][link seq u64]                     → bus Envelope (a LinkBatch), until confirmed
 //! ```
 
@@ -212,6 +215,36 @@ pub fn link_in_key(origin: u16) -> Vec<u8> {
     k
 }
 
+/// The lowest seq an inbox may get next, in `meta`: set by a restore from
+/// a backup (see `crate::backup`), absent otherwise.
+pub const META_SEQ_FLOOR: &[u8] = b"seq_floor";
+
+/// The prefix of every token revocation in `meta` (see `crate::revocation`).
+pub const META_REVOKED_PREFIX: &[u8] = b"revoked";
+
+/// `b"revoked"[len][user]`, and `[len][device]` after it for one device:
+/// the revocation of `user`'s tokens (on `device`, or on every device).
+pub fn revoked_key(user: &str, device: Option<&str>) -> Vec<u8> {
+    let mut k = Vec::with_capacity(META_REVOKED_PREFIX.len() + 2 + user.len() + 64);
+    k.extend_from_slice(META_REVOKED_PREFIX);
+    put_id(&mut k, user);
+    if let Some(device) = device {
+        put_id(&mut k, device);
+    }
+    k
+}
+
+/// The user and device (`None`: every device) of a [`revoked_key`].
+pub fn decode_revoked_key(key: &[u8]) -> Option<(&str, Option<&str>)> {
+    let rest = key.strip_prefix(META_REVOKED_PREFIX)?;
+    let (user, rest) = take_id(rest)?;
+    if rest.is_empty() {
+        return Some((user, None));
+    }
+    let (device, rest) = take_id(rest)?;
+    rest.is_empty().then_some((user, Some(device)))
+}
+
 /// `[peer][seq]` in `outbox`.
 pub fn outbox_key(peer: u16, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(10);
@@ -281,6 +314,34 @@ mod tests {
         assert!(group_member_key("g", "zed").starts_with(&p));
         assert!(!group_member_key("gg", "zed").starts_with(&p));
         assert!(group_meta_key("g") < p, "meta keys sort before member keys");
+    }
+
+    #[test]
+    fn revocation_keys_round_trip_and_sort_user_first() {
+        let all = revoked_key("alice", None);
+        let phone = revoked_key("alice", Some("phone"));
+        assert_eq!(decode_revoked_key(&all), Some(("alice", None)));
+        assert_eq!(decode_revoked_key(&phone), Some(("alice", Some("phone"))));
+        assert!(all < phone, "a user's own key comes before its devices'");
+        assert!(phone.starts_with(&all));
+        assert!(
+            !all.starts_with(&revoked_key("al", None)),
+            "the length byte keeps one user's keys out of another's range"
+        );
+        assert_eq!(decode_revoked_key(b"revoked"), None);
+        assert_eq!(decode_revoked_key(b"link_epoch"), None);
+        let mut trailing = phone.clone();
+        trailing.push(0);
+        assert_eq!(decode_revoked_key(&trailing), None);
+        // No other meta key falls inside the revocations' range.
+        for other in [
+            META_SCHEMA_VERSION,
+            META_MSG_ID_HIGH_WATER,
+            META_LINK_EPOCH,
+            META_SEQ_FLOOR,
+        ] {
+            assert!(!other.starts_with(META_REVOKED_PREFIX));
+        }
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! - [`model`]: the stored values.
 //! - [`db`]: opening (schema check) and every read: inbox pages, history,
 //!   cursors, dedup records.
+//! - [`backup`]: backups while serving, and restore (with the seq floor
+//!   and id jump that keep a restored node from handing anything out twice).
 //! - [`commit`]: the group committer, the one writer: one `WriteBatch` and
 //!   one WAL sync per batch, outcomes reported after durability.
 //! - [`groups`]: group membership snapshots and their cache.
 //! - [`link`]: cluster links: the outbox of batches for peer nodes, the
 //!   link positions, and [`Homes`] (where users and groups live).
 //! - [`retention`]: background removal of expired entries.
+//! - [`revocation`]: token revocations (read at start; written by the committer).
 //! - [`now_ms`] and [`retention_cutoff_ms`]: the one clock and the one
 //!   retention cut-off every part of ferry uses.
 //!
@@ -19,6 +22,7 @@
 //! pointers (recipient, sender's copy) and the dedup record.
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod commit;
 pub mod db;
 pub mod groups;
@@ -26,7 +30,9 @@ pub mod keys;
 pub mod link;
 pub mod model;
 pub mod retention;
+pub mod revocation;
 
+pub use backup::{BackupInfo, Restored};
 pub use commit::{
     CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, LinkOutcome, Op,
     Outcome, Target, max_entry_bytes_for,
@@ -34,6 +40,7 @@ pub use commit::{
 pub use db::{InboxPage, Storage, StorageOptions};
 pub use groups::{Group, Refusal};
 pub use link::{Homes, LinkOut, NodeId};
+pub use revocation::Revocation;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now_ms() -> u64 {

@@ -103,6 +103,13 @@ pub(super) fn check_op(op: &Op, options: &CommitOptions) -> Result<(), Refusal> 
         }
         // Checked entry by entry as it is applied (`link::decode_link_batch`).
         Op::ApplyLink { .. } => Ok(()),
+        Op::Revoke { user, device, .. } => {
+            limits::check_id("user_id", user).map_err(invalid)?;
+            device
+                .as_deref()
+                .map_or(Ok(()), |d| limits::check_id("device_id", d))
+                .map_err(invalid)
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! batch loop (block for one op, drain what is ready, one write), one op's
 //! savepoint and rollback, seqs and message ids, the bounded seq map, and
 //! the delivery thread. The rules of each op live in a file of their own
-//! beside this one (`send`, `recall`, `read`, `ack`, `group`, `link`).
+//! beside this one (`send`, `recall`, `read`, `ack`, `group`, `link`, `revoke`).
 
 use super::*;
 
@@ -25,6 +25,10 @@ pub(super) struct Worker {
     pub(super) link_in: HashMap<NodeId, (u64, u64), RandomState>,
     /// This data dir's link epoch (cluster mode; 0 otherwise).
     pub(super) link_epoch: u64,
+    /// The lowest seq an inbox may get next: 0, or after a restore from a
+    /// backup the restore's generation (see `crate::backup`), so that no
+    /// seq the lost tail may have used is handed out again.
+    pub(super) seq_floor: u64,
 }
 
 /// The per-user next seq, bounded: two generations of at most half the
@@ -236,6 +240,7 @@ impl Worker {
             link_out: HashMap::default(),
             link_in: HashMap::default(),
             link_epoch: 0,
+            seq_floor: 0,
         }
     }
 
@@ -447,7 +452,7 @@ impl Worker {
         let previous = self.next_seq.get(user);
         let current = match previous {
             Some(v) => v,
-            None => self.storage.max_seq(user)? + 1,
+            None => (self.storage.max_seq(user)? + 1).max(self.seq_floor),
         };
         self.next_seq.insert(user.clone(), current + 1);
         self.undo.seqs.push((user.clone(), previous));
@@ -589,6 +594,11 @@ impl Worker {
             Op::Ack { user, device, seq } => self.ack(user, device, seq, state),
             Op::Group { actor, change } => self.group_change(actor, change, state),
             Op::ApplyLink { from, epoch, batch } => self.apply_link(from, epoch, batch, state),
+            Op::Revoke {
+                user,
+                device,
+                issued_before,
+            } => self.revoke(user, device, issued_before, state),
         };
         result.unwrap_or_else(|e| Outcome::Failed(e.to_string()))
     }
