@@ -168,6 +168,32 @@ pub fn kick(body: &[u8]) -> Result<Kick, BodyError> {
     Ok(req)
 }
 
+/// `POST /v1/admin/users/{id}/revoke`, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoke {
+    /// Only this device's tokens (1..=64 bytes); every device's when absent.
+    pub device_id: Option<String>,
+    /// Tokens whose `iat` (Unix seconds) is before this are refused; the
+    /// server's default is the second after now, and it refuses a value
+    /// too far ahead of its clock.
+    pub issued_before: Option<u64>,
+}
+
+/// Parses and checks a [`Revoke`] body; an empty (or all-whitespace) body
+/// revokes every token issued so far.
+pub fn revoke(body: &[u8]) -> Result<Revoke, BodyError> {
+    let req: Revoke = if body.iter().all(u8::is_ascii_whitespace) {
+        Revoke::default()
+    } else {
+        parse(body)?
+    };
+    if let Some(device) = &req.device_id {
+        limits::check_id("device_id", device).map_err(invalid)?;
+    }
+    Ok(req)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +280,9 @@ mod tests {
             }
             if let Ok(m) = system_message(&body, max_frame_bytes) {
                 prop_assert!(m.body.len() + m.content_type.len() <= limits::send_content_limit(max_frame_bytes));
+            }
+            if let Ok(r) = revoke(&body) {
+                prop_assert!(r.device_id.is_none_or(|d| !d.is_empty() && d.len() <= limits::MAX_ID_BYTES));
             }
             if let Ok(k) = kick(&body) {
                 prop_assert!(k.message.is_none_or(|m| m.len() <= MAX_KICK_MESSAGE_BYTES));

@@ -708,17 +708,6 @@ async fn kick_user(
     })
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Revoke {
-    /// Only this device's tokens; every device's when absent.
-    device_id: Option<String>,
-    /// Tokens whose `iat` (Unix seconds) is before this are refused.
-    /// Default: the second after now, so every token issued up to this
-    /// call is refused.
-    issued_before: Option<u64>,
-}
-
 /// How far ahead of now `issued_before` may be: a revocation is about
 /// tokens already issued, and a value in milliseconds (a common mistake)
 /// would lock the user out for ever.
@@ -731,16 +720,7 @@ async fn revoke_tokens(
 ) -> ApiResult {
     let Path(user) = id?;
     check_id("user id", &user)?;
-    let body = body?;
-    // The body is optional: an empty one revokes every token issued so far.
-    let req: Revoke = if body.iter().all(u8::is_ascii_whitespace) {
-        Revoke::default()
-    } else {
-        parse(&body)?
-    };
-    if let Some(device) = &req.device_id {
-        check_id("device_id", device)?;
-    }
+    let req = bodies::revoke(&body?)?;
     let now = crate::auth::unix_now();
     let issued_before = req.issued_before.unwrap_or(now + 1);
     if issued_before > now + MAX_REVOKE_AHEAD_SECS {

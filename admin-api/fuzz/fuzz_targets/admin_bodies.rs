@@ -34,6 +34,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(m.content_type.len() <= MAX_CONTENT_TYPE_BYTES);
         assert!(m.body.len() + m.content_type.len() <= limits::send_content_limit(max_frame_bytes));
     }
+    if let Ok(r) = bodies::revoke(body) {
+        assert!(r.device_id.as_deref().is_none_or(id_ok));
+    }
     if let Ok(k) = bodies::kick(body) {
         assert!(k.device_id.as_deref().is_none_or(id_ok));
         assert!(k.message.is_none_or(|m| m.len() <= MAX_KICK_MESSAGE_BYTES));
