@@ -6,7 +6,8 @@
 //! the server's CPU and memory from `/proc`, its own figures from its
 //! `/metrics`, and every figure as JSON.
 //! Scenarios: `conns`, `direct`, `group`, `floor` (bare-socket baseline),
-//! `churn` (exactly-once under reconnects and a server kill) and `suite`.
+//! `churn` (exactly-once under reconnects and a server kill), `soak` (an
+//! hour of mixed load, watching for leaks) and `suite`.
 //! Run `ferry-bench <scenario> --help` for the options.
 
 mod clients;
@@ -27,7 +28,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::report::Outcome;
-use crate::scenarios::{churn, conns, direct, floor, group, suite};
+use crate::scenarios::{churn, conns, direct, floor, group, soak, suite};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -55,6 +56,8 @@ enum Command {
     Floor(floor::FloorArgs),
     /// Exactly-once delivery while users reconnect (and the server is killed).
     Churn(churn::ChurnArgs),
+    /// An hour (--minutes) of mixed load with churn: fails on RSS growth, lost messages, fd leaks.
+    Soak(soak::SoakArgs),
     /// Every scenario, small, under five minutes (`make bench`).
     Suite(suite::SuiteArgs),
     /// A worker process of a scenario (internal).
@@ -121,6 +124,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Command::Group(a) => (vec![group::run(&a).await?], a.common.harness.json),
                 Command::Floor(a) => (vec![floor::run(&a).await?], a.harness.json),
                 Command::Churn(a) => (vec![churn::run(&a).await?], a.common.harness.json),
+                Command::Soak(a) => (vec![soak::run(&a).await?], a.common.harness.json),
                 Command::Suite(a) => {
                     let path = a
                         .common

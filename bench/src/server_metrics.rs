@@ -234,7 +234,7 @@ impl Snapshot {
     }
 
     /// A gauge summed over its label sets (every node's, every peer's).
-    fn gauge_total(&self, name: &str) -> Option<f64> {
+    pub fn gauge_total(&self, name: &str) -> Option<f64> {
         let mut values = self.gauges.iter().filter(|((n, _), _)| n == name);
         let first = values.next()?.1;
         Some(first + values.map(|(_, v)| v).sum::<f64>())

@@ -74,37 +74,74 @@ pub struct ChurnArgs {
     pub common: CommonArgs,
 }
 
+/// Where a message goes: a user (by index) or a group (by its index in
+/// [`Shared::group_ids`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dest {
+    /// One-to-one, to user `i`.
+    User(u32),
+    /// To every other member of group `g`.
+    Group(u32),
+}
+
 /// What the coordinator tells a device.
 #[derive(Debug)]
-enum Cmd {
-    /// Send a new message to this user.
-    Send { to: u32 },
+pub(crate) enum Cmd {
+    /// Send a new message.
+    Send { to: Dest },
     /// Close the connection, wait, reconnect.
     Drop { pause: Duration },
+    /// Stop reading (and writing) for `pause`: a slow reader. The
+    /// connection stays open; the server's frames wait in the socket
+    /// buffers and the server's write queue.
+    Stall { pause: Duration },
     /// Reconnect, sync to the end of the inbox, and finish.
     Final,
 }
 
 /// Shared by the devices.
-struct Shared {
-    addr: watch::Receiver<SocketAddr>,
+pub(crate) struct Shared {
+    pub(crate) addr: watch::Receiver<SocketAddr>,
     /// A spawned cluster: where each device dials first.
-    map: Option<ClusterMap>,
-    run_id: String,
-    source_ips: u32,
-    tokens: TokenVerifier,
+    pub(crate) map: Option<ClusterMap>,
+    pub(crate) run_id: String,
+    pub(crate) source_ips: u32,
+    pub(crate) tokens: TokenVerifier,
+    /// The ids of the groups of the run ([`Dest::Group`] indexes them).
+    pub(crate) group_ids: Vec<String>,
     /// Messages in outboxes (created, neither acknowledged nor refused).
-    outstanding: AtomicI64,
+    pub(crate) outstanding: AtomicI64,
     /// Devices that have logged in at least once.
-    connected_once: AtomicU32,
+    pub(crate) connected_once: AtomicU32,
+}
+
+impl Shared {
+    /// The devices' shared state for the server (or cluster) `target`.
+    pub(crate) fn new(
+        target: &Target,
+        addr: watch::Receiver<SocketAddr>,
+        source_ips: u32,
+        group_ids: Vec<String>,
+    ) -> Shared {
+        Shared {
+            addr,
+            map: target.map().cloned(),
+            run_id: target.run_id.clone(),
+            source_ips,
+            tokens: TokenVerifier::new(&target.secret),
+            group_ids,
+            outstanding: AtomicI64::new(0),
+            connected_once: AtomicU32::new(0),
+        }
+    }
 }
 
 /// One device's record of the run.
 #[derive(Debug, Default)]
-struct DeviceReport {
+pub(crate) struct DeviceReport {
     index: u32,
     /// Recipient of every message created, by counter.
-    sent_to: Vec<u32>,
+    sent_to: Vec<Dest>,
     /// Counters with a SendAck.
     acked: HashSet<u32>,
     /// Counters known stored: a SendAck, or the own copy in the inbox.
@@ -120,22 +157,24 @@ struct DeviceReport {
     /// Sync pages that skipped seqs (the inbox must be gap-free).
     seq_gaps: u64,
     /// Entries seen again with seq ≤ cursor (normal; ignored).
-    redelivered: u64,
+    pub(crate) redelivered: u64,
     /// Syncs started to fill a gap in live delivery.
-    gap_syncs: u64,
-    logins: u64,
-    connect_failures: u64,
-    commanded_drops: u64,
-    lost_sessions: u64,
-    first_loss: Option<String>,
-    resends: u64,
+    pub(crate) gap_syncs: u64,
+    pub(crate) logins: u64,
+    pub(crate) connect_failures: u64,
+    pub(crate) commanded_drops: u64,
+    /// Commanded stalls (slow reading) served while connected.
+    pub(crate) stalls: u64,
+    pub(crate) lost_sessions: u64,
+    pub(crate) first_loss: Option<String>,
+    pub(crate) resends: u64,
     last_seq: u64,
     final_synced: bool,
 }
 
 /// A message waiting for its SendAck.
 struct Pending {
-    to: u32,
+    to: Dest,
     counter: u32,
     body: Bytes,
     sent_at: Option<Instant>,
@@ -179,10 +218,16 @@ struct Device {
 }
 
 impl Device {
-    fn conv(&self, to: u32) -> proto::Conversation {
-        proto::Conversation {
-            kind: proto::ConversationKind::Direct as i32,
-            id: user_id(&self.shared.run_id, to),
+    fn conv(&self, to: Dest) -> proto::Conversation {
+        match to {
+            Dest::User(to) => proto::Conversation {
+                kind: proto::ConversationKind::Direct as i32,
+                id: user_id(&self.shared.run_id, to),
+            },
+            Dest::Group(g) => proto::Conversation {
+                kind: proto::ConversationKind::Group as i32,
+                id: self.shared.group_ids[g as usize].clone(),
+            },
         }
     }
 
@@ -197,7 +242,7 @@ impl Device {
     }
 
     /// Creates a message and puts it in the outbox; returns its cmid.
-    fn create(&mut self, to: u32) -> u64 {
+    fn create(&mut self, to: Dest) -> u64 {
         let counter = self.report.sent_to.len() as u32;
         self.report.sent_to.push(to);
         let body = Payload {
@@ -235,7 +280,7 @@ impl Device {
                 _ = tokio::time::sleep_until(until) => return,
                 cmd = self.rx.recv(), if !self.final_mode => match cmd {
                     Some(Cmd::Send { to }) => { self.create(to); }
-                    Some(Cmd::Drop { .. }) => {}
+                    Some(Cmd::Drop { .. } | Cmd::Stall { .. }) => {}
                     Some(Cmd::Final) | None => { self.final_mode = true; return; }
                 },
             }
@@ -352,6 +397,10 @@ impl Device {
                         self.write(&mut writer, &mut s, f).await.err().map(SessionEnd::Lost)
                     }
                     Some(Cmd::Drop { pause }) => Some(SessionEnd::Dropped(pause)),
+                    Some(Cmd::Stall { pause }) => {
+                        self.stall(pause).await;
+                        None
+                    }
                     Some(Cmd::Final) | None => Some(SessionEnd::FinalRequested),
                 },
                 _ = tick.tick() => self.on_tick(&mut s, &mut writer).await,
@@ -369,6 +418,19 @@ impl Device {
                 };
                 let _ = self.write(&mut writer, &mut s, ack.into()).await;
                 return SessionEnd::Synced;
+            }
+        }
+    }
+
+    /// Reads nothing for `pause`. Sends still waiting for their SendAck
+    /// were not late: their ack timeout starts again.
+    async fn stall(&mut self, pause: Duration) {
+        self.report.stalls += 1;
+        tokio::time::sleep(pause).await;
+        let now = Instant::now();
+        for p in self.outbox.values_mut() {
+            if p.sent_at.is_some() {
+                p.sent_at = Some(now);
             }
         }
     }
@@ -540,27 +602,71 @@ impl Device {
     }
 }
 
-/// Totals of the end-of-run check.
+/// Totals of the end-of-run check. A group message counts once per
+/// recipient (every member but its sender) in `delivered`, `lost` and
+/// `duplicated`.
 #[derive(Debug, Default, Serialize)]
-struct Check {
-    created: u64,
-    acked: u64,
-    stored: u64,
-    refused: u64,
-    unacked: u64,
-    delivered: u64,
-    lost: u64,
-    duplicated: u64,
-    phantom: u64,
-    malformed: u64,
-    seq_gaps: u64,
-    devices_not_synced: u64,
+pub(crate) struct Check {
+    pub(crate) created: u64,
+    pub(crate) acked: u64,
+    pub(crate) stored: u64,
+    pub(crate) refused: u64,
+    pub(crate) unacked: u64,
+    /// (message, recipient) pairs delivered at least once.
+    pub(crate) delivered: u64,
+    /// (message, recipient) pairs of stored messages never delivered.
+    pub(crate) lost: u64,
+    /// Deliveries beyond the first of a (message, recipient) pair.
+    pub(crate) duplicated: u64,
+    /// Deliveries of messages never sent, or to a device not a recipient.
+    pub(crate) phantom: u64,
+    pub(crate) malformed: u64,
+    pub(crate) seq_gaps: u64,
+    pub(crate) devices_not_synced: u64,
 }
 
-fn check(reports: &[DeviceReport]) -> Check {
+impl Check {
+    /// The failures of the exactly-once checks, as report lines.
+    pub(crate) fn failures(&self) -> Vec<String> {
+        let mut failures = Vec::new();
+        if self.lost > 0 {
+            failures.push(format!(
+                "{} deliveries of stored messages never made",
+                self.lost
+            ));
+        }
+        if self.duplicated > 0 {
+            failures.push(format!("{} messages delivered twice", self.duplicated));
+        }
+        if self.phantom > 0 {
+            failures.push(format!(
+                "{} deliveries of messages never sent",
+                self.phantom
+            ));
+        }
+        if self.seq_gaps > 0 {
+            failures.push(format!("{} gaps in inbox seqs", self.seq_gaps));
+        }
+        if self.unacked > 0 {
+            failures.push(format!("{} messages never acknowledged", self.unacked));
+        }
+        if self.devices_not_synced > 0 {
+            failures.push(format!(
+                "{} devices did not finish the final sync",
+                self.devices_not_synced
+            ));
+        }
+        failures
+    }
+}
+
+/// Checks every device's record: each stored message reached each of its
+/// recipients exactly once. `groups[g]` lists the members of group `g`.
+pub(crate) fn check(reports: &[DeviceReport], groups: &[Vec<u32>]) -> Check {
     let mut c = Check::default();
-    // Who should have got what.
-    let mut recipient_of: HashMap<u64, u32> = HashMap::new();
+    let members: Vec<HashSet<u32>> = groups.iter().map(|m| m.iter().copied().collect()).collect();
+    // Where each message went.
+    let mut dest_of: HashMap<u64, Dest> = HashMap::new();
     for r in reports {
         c.created += r.sent_to.len() as u64;
         c.acked += r.acked.len() as u64;
@@ -571,17 +677,26 @@ fn check(reports: &[DeviceReport]) -> Check {
         c.seq_gaps += r.seq_gaps;
         c.devices_not_synced += u64::from(!r.final_synced);
         for (counter, &to) in r.sent_to.iter().enumerate() {
-            recipient_of.insert((r.index as u64) << 32 | counter as u64, to);
+            dest_of.insert((r.index as u64) << 32 | counter as u64, to);
         }
     }
-    let mut times: HashMap<u64, u32> = HashMap::new();
+    let recipient = |id: u64, index: u32| match dest_of.get(&id) {
+        Some(Dest::User(to)) => *to == index,
+        Some(Dest::Group(g)) => {
+            (id >> 32) as u32 != index
+                && members.get(*g as usize).is_some_and(|m| m.contains(&index))
+        }
+        None => false,
+    };
+    // Deliveries per (message, recipient).
+    let mut times: HashMap<(u64, u32), u32> = HashMap::new();
     for r in reports {
         for &(id, _) in &r.received {
-            if recipient_of.get(&id) != Some(&r.index) {
+            if !recipient(id, r.index) {
                 c.phantom += 1;
                 continue;
             }
-            *times.entry(id).or_default() += 1;
+            *times.entry((id, r.index)).or_default() += 1;
         }
     }
     c.delivered = times.len() as u64;
@@ -589,12 +704,112 @@ fn check(reports: &[DeviceReport]) -> Check {
     for r in reports {
         for &counter in &r.stored {
             let id = (r.index as u64) << 32 | counter as u64;
-            if !times.contains_key(&id) {
-                c.lost += 1;
-            }
+            let missing = |to: u32| !times.contains_key(&(id, to));
+            c.lost += match r.sent_to.get(counter as usize) {
+                Some(Dest::User(to)) => u64::from(missing(*to)),
+                Some(Dest::Group(g)) => groups.get(*g as usize).map_or(0, |m| {
+                    m.iter().filter(|&&to| to != r.index && missing(to)).count() as u64
+                }),
+                None => 0,
+            };
         }
     }
     c
+}
+
+/// Spawns the devices of users `0..users`, starting `ramp` per second, and
+/// returns their command queues and tasks.
+pub(crate) fn start_devices(
+    shared: &Arc<Shared>,
+    users: u32,
+    ramp: f64,
+) -> (
+    Vec<mpsc::Sender<Cmd>>,
+    Vec<tokio::task::JoinHandle<DeviceReport>>,
+) {
+    let mut devices = Vec::with_capacity(users as usize);
+    let mut handles = Vec::with_capacity(users as usize);
+    let per = Duration::from_secs_f64(1.0 / ramp.max(1.0));
+    for i in 0..users {
+        let (tx, rx) = mpsc::channel(256);
+        let me = user_id(&shared.run_id, i);
+        let device = Device {
+            index: i,
+            token: shared.tokens.mint(&me, None, 7 * 86_400),
+            me,
+            shared: shared.clone(),
+            rx,
+            outbox: BTreeMap::new(),
+            report: DeviceReport {
+                index: i,
+                ..Default::default()
+            },
+            final_mode: false,
+        };
+        let start = per * i;
+        handles.push(tokio::spawn(async move {
+            tokio::time::sleep(start).await;
+            device.run().await
+        }));
+        devices.push(tx);
+    }
+    (devices, handles)
+}
+
+/// Waits until every device has logged in once (at most 120 s).
+pub(crate) async fn wait_all_in(shared: &Shared, users: u32) -> anyhow::Result<()> {
+    let all_in = wait_until(Duration::from_secs(120), Duration::from_millis(50), || {
+        shared.connected_once.load(Ordering::Relaxed) >= users
+    })
+    .await;
+    anyhow::ensure!(
+        all_in,
+        "only {} of {} users could log in",
+        shared.connected_once.load(Ordering::Relaxed),
+        users
+    );
+    Ok(())
+}
+
+/// The end of a run, once no more messages are created: waits for every
+/// SendAck, then has every device reconnect and sync to the end of its
+/// inbox, and returns their records (their connections are closed).
+pub(crate) async fn finish_devices(
+    what: &str,
+    shared: &Shared,
+    devices: &[mpsc::Sender<Cmd>],
+    handles: Vec<tokio::task::JoinHandle<DeviceReport>>,
+) -> anyhow::Result<Vec<DeviceReport>> {
+    eprintln!("{what}: waiting for every message to be acknowledged…");
+    // A device that stalls (or reconnects) takes its queued Sends later:
+    // every queue must be empty too, or a message created after this wait
+    // would miss its recipients' final syncs.
+    let drained = || devices.iter().all(|d| d.capacity() == d.max_capacity());
+    let acked_all = wait_until(FINAL_TIMEOUT, Duration::from_millis(50), || {
+        drained() && shared.outstanding.load(Ordering::Relaxed) <= 0
+    })
+    .await;
+    if !acked_all {
+        eprintln!(
+            "{what}: {} messages still unacknowledged after {FINAL_TIMEOUT:?}",
+            shared.outstanding.load(Ordering::Relaxed)
+        );
+    }
+    eprintln!("{what}: final reconnect and sync of every device…");
+    for d in devices {
+        let _ = d.send(Cmd::Final).await;
+    }
+    let deadline = Instant::now() + FINAL_TIMEOUT;
+    let mut reports = Vec::with_capacity(handles.len());
+    for h in handles {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let h = match tokio::time::timeout(left, h).await {
+            Ok(joined) => joined,
+            Err(_) => bail!("devices did not finish their final sync within {FINAL_TIMEOUT:?}"),
+        };
+        reports.push(h.context("device task panicked")?);
+    }
+    Ok(reports)
 }
 
 /// Runs `churn` and prints its table.
@@ -625,53 +840,16 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     let mut target = Target::open(common).await?;
     let spread = target.spread("users", args.users);
     let (addr_tx, addr_rx) = watch::channel(target.addr);
-    let shared = Arc::new(Shared {
-        addr: addr_rx,
-        map: target.map().cloned(),
-        run_id: target.run_id.clone(),
-        source_ips: common.harness.source_ips,
-        tokens: TokenVerifier::new(&target.secret),
-        outstanding: AtomicI64::new(0),
-        connected_once: AtomicU32::new(0),
-    });
+    let shared = Arc::new(Shared::new(
+        &target,
+        addr_rx,
+        common.harness.source_ips,
+        Vec::new(),
+    ));
 
     eprintln!("churn: connecting {} users…", args.users);
-    let mut devices = Vec::with_capacity(args.users as usize);
-    let mut handles = Vec::with_capacity(args.users as usize);
-    let per = Duration::from_secs_f64(1.0 / common.harness.ramp.max(1.0));
-    for i in 0..args.users {
-        let (tx, rx) = mpsc::channel(256);
-        let me = user_id(&shared.run_id, i);
-        let device = Device {
-            index: i,
-            token: shared.tokens.mint(&me, None, 7 * 86_400),
-            me,
-            shared: shared.clone(),
-            rx,
-            outbox: BTreeMap::new(),
-            report: DeviceReport {
-                index: i,
-                ..Default::default()
-            },
-            final_mode: false,
-        };
-        let start = per * i;
-        handles.push(tokio::spawn(async move {
-            tokio::time::sleep(start).await;
-            device.run().await
-        }));
-        devices.push(tx);
-    }
-    let all_in = wait_until(Duration::from_secs(120), Duration::from_millis(50), || {
-        shared.connected_once.load(Ordering::Relaxed) >= args.users
-    })
-    .await;
-    anyhow::ensure!(
-        all_in,
-        "only {} of {} users could log in",
-        shared.connected_once.load(Ordering::Relaxed),
-        args.users
-    );
+    let (devices, handles) = start_devices(&shared, args.users, common.harness.ramp);
+    wait_all_in(&shared, args.users).await?;
 
     eprintln!(
         "churn: {} messages at {} msgs/s, {:.0}% of users reconnecting every {} s{}…",
@@ -708,6 +886,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
                     if to >= from {
                         to += 1;
                     }
+                    let to = Dest::User(to);
                     if devices[from as usize].try_send(Cmd::Send { to }).is_err() {
                         skipped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -799,31 +978,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     stop_churn.store(true, Ordering::Relaxed);
     let rounds = churner.await.context("churner")?;
 
-    eprintln!("churn: waiting for every message to be acknowledged…");
-    let acked_all = wait_until(FINAL_TIMEOUT, Duration::from_millis(50), || {
-        shared.outstanding.load(Ordering::Relaxed) <= 0
-    })
-    .await;
-    if !acked_all {
-        eprintln!(
-            "churn: {} messages still unacknowledged after {FINAL_TIMEOUT:?}",
-            shared.outstanding.load(Ordering::Relaxed)
-        );
-    }
-    eprintln!("churn: final reconnect and sync of every device…");
-    for d in &devices {
-        let _ = d.send(Cmd::Final).await;
-    }
-    let deadline = Instant::now() + FINAL_TIMEOUT;
-    let mut reports = Vec::with_capacity(handles.len());
-    for h in handles {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let h = match tokio::time::timeout(left, h).await {
-            Ok(joined) => joined,
-            Err(_) => bail!("devices did not finish their final sync within {FINAL_TIMEOUT:?}"),
-        };
-        reports.push(h.context("device task panicked")?);
-    }
+    let reports = finish_devices("churn", &shared, &devices, handles).await?;
     let t1 = now_ns();
     target.check_alive()?;
     let mut metrics =
@@ -836,7 +991,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
     let describe = target.describe();
     let processes = target.close().await;
 
-    let c = check(&reports);
+    let c = check(&reports, &[]);
     let sum = |f: fn(&DeviceReport) -> u64| reports.iter().map(f).sum::<u64>();
     let logins = sum(|r| r.logins);
     let lost_sessions = sum(|r| r.lost_sessions);
@@ -926,28 +1081,7 @@ pub async fn run(args: &ChurnArgs) -> anyhow::Result<Outcome> {
         eprintln!("churn: first unplanned disconnect: {why}");
     }
 
-    let mut failures = Vec::new();
-    if c.lost > 0 {
-        failures.push(format!("{} stored messages never delivered", c.lost));
-    }
-    if c.duplicated > 0 {
-        failures.push(format!("{} messages delivered twice", c.duplicated));
-    }
-    if c.phantom > 0 {
-        failures.push(format!("{} deliveries of messages never sent", c.phantom));
-    }
-    if c.seq_gaps > 0 {
-        failures.push(format!("{} gaps in inbox seqs", c.seq_gaps));
-    }
-    if c.unacked > 0 {
-        failures.push(format!("{} messages never acknowledged", c.unacked));
-    }
-    if c.devices_not_synced > 0 {
-        failures.push(format!(
-            "{} devices did not finish the final sync",
-            c.devices_not_synced
-        ));
-    }
+    let failures = c.failures();
     let json = json!({
         "target": describe,
         "users": args.users,
@@ -998,7 +1132,7 @@ mod tests {
     fn check_counts_loss_duplicates_and_phantoms() {
         let mut a = DeviceReport {
             index: 0,
-            sent_to: vec![1, 1, 1],
+            sent_to: vec![Dest::User(1); 3],
             ..Default::default()
         };
         a.stored.extend([0, 1, 2]);
@@ -1007,7 +1141,7 @@ mod tests {
             ..Default::default()
         };
         b.received = vec![(0, 1), (1, 2), (1, 3), (5 << 32, 4)];
-        let c = check(&[a, b]);
+        let c = check(&[a, b], &[]);
         assert_eq!(c.delivered, 2);
         assert_eq!(c.duplicated, 1);
         assert_eq!(c.lost, 1);

@@ -7,4 +7,5 @@ pub mod conns;
 pub mod direct;
 pub mod floor;
 pub mod group;
+pub mod soak;
 pub mod suite;
