@@ -5,6 +5,18 @@
 //! `ferry serve` and `ferry token` agree on a fresh machine with no setup.
 //! The admin API's bearer token comes from the same kind of file,
 //! `<data_dir>/admin.token`, when it is not configured.
+//!
+//! # Secret rotation
+//!
+//! A verifier may hold two secrets: the current one, and the previous one
+//! with its key id ([`TokenVerifier::with_previous`]). The JWT header's
+//! `kid` chooses: a token whose `kid` is the previous key's id is checked
+//! with the previous secret; any other token (no `kid`, or the current
+//! key's id) with the current one, and a `kid` naming neither is refused.
+//! Tokens minted here carry the current key's id when it has one. So an
+//! operator rotates by giving the current secret a new id, moving the old
+//! one to "previous", restarting, and dropping "previous" once the tokens
+//! minted with it have expired (docs/OPERATIONS.md, "Rotating the secret").
 #![warn(missing_docs)]
 
 use std::io::Write;
@@ -80,6 +92,10 @@ pub struct TokenVerifier {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    /// The current secret's key id (the `kid` of minted tokens).
+    kid: Option<String>,
+    /// The previous secret and its key id, still accepted by `kid`.
+    previous: Option<(String, DecodingKey)>,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -119,19 +135,60 @@ impl TokenVerifier {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
             validation,
+            kid: None,
+            previous: None,
+        }
+    }
+
+    /// Names the current secret `kid`: minted tokens carry it in their
+    /// header, and tokens whose header names it are checked with it.
+    pub fn with_kid(mut self, kid: &str) -> TokenVerifier {
+        self.kid = Some(kid.to_owned());
+        self
+    }
+
+    /// Also accepts tokens signed with `secret` whose header `kid` is
+    /// `kid` (the previous secret, during a rotation).
+    pub fn with_previous(mut self, kid: &str, secret: &[u8]) -> TokenVerifier {
+        self.previous = Some((kid.to_owned(), DecodingKey::from_secret(secret)));
+        self
+    }
+
+    /// The key that checks `token`, chosen by its header's `kid`.
+    fn key_for(&self, token: &str) -> Result<&DecodingKey, AuthRejection> {
+        if self.kid.is_none() && self.previous.is_none() {
+            return Ok(&self.decoding);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| reject(ErrorCode::BadToken, format!("bad token: {e}")))?;
+        match header.kid.as_deref() {
+            None => Ok(&self.decoding),
+            Some(kid) if self.kid.as_deref() == Some(kid) => Ok(&self.decoding),
+            Some(kid) => match &self.previous {
+                Some((previous, key)) if previous == kid => Ok(key),
+                _ => Err(reject(
+                    ErrorCode::BadToken,
+                    "token signed with an unknown key id (kid)",
+                )),
+            },
         }
     }
 
     /// Checks `token` and returns its claims, or the code to reject it with.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthRejection> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => reject(ErrorCode::TokenExpired, "token expired"),
-                ErrorKind::ImmatureSignature => {
-                    reject(ErrorCode::BadToken, "token not valid yet (nbf)")
+        let key = self.key_for(token)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => reject(ErrorCode::TokenExpired, "token expired"),
+                    ErrorKind::ImmatureSignature => {
+                        reject(ErrorCode::BadToken, "token not valid yet (nbf)")
+                    }
+                    ErrorKind::InvalidSignature => {
+                        reject(ErrorCode::BadToken, "bad token signature")
+                    }
+                    _ => reject(ErrorCode::BadToken, format!("bad token: {e}")),
                 }
-                ErrorKind::InvalidSignature => reject(ErrorCode::BadToken, "bad token signature"),
-                _ => reject(ErrorCode::BadToken, format!("bad token: {e}")),
             })?;
         let claims = data.claims;
         if claims.sub.is_empty() || claims.sub.len() > MAX_ID_BYTES {
@@ -158,7 +215,9 @@ impl TokenVerifier {
 
     /// Mints a token with exactly these claims (tests use it for expired tokens).
     pub fn mint_claims(&self, claims: &Claims) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = self.kid.clone();
+        jsonwebtoken::encode(&header, claims, &self.encoding)
             .expect("HS256 encoding of plain claims cannot fail")
     }
 }
@@ -301,6 +360,54 @@ mod tests {
             ErrorCode::TokenExpired
         );
         assert_eq!(v.verify("not a jwt").unwrap_err().code, ErrorCode::BadToken);
+    }
+
+    #[test]
+    fn the_kid_chooses_the_current_or_the_previous_secret() {
+        let old = TokenVerifier::new(b"0123456789abcdef0123456789abcdef").with_kid("k1");
+        let new = TokenVerifier::new(b"fedcba9876543210fedcba9876543210").with_kid("k2");
+        let rotated = TokenVerifier::new(b"fedcba9876543210fedcba9876543210")
+            .with_kid("k2")
+            .with_previous("k1", b"0123456789abcdef0123456789abcdef");
+        // Minted before and after the rotation: both accepted.
+        assert_eq!(
+            rotated.verify(&old.mint("alice", None, 60)).unwrap().sub,
+            "alice"
+        );
+        assert_eq!(
+            rotated.verify(&new.mint("bob", None, 60)).unwrap().sub,
+            "bob"
+        );
+        // Without kid: the current secret.
+        let plain_new = TokenVerifier::new(b"fedcba9876543210fedcba9876543210");
+        let plain_old = TokenVerifier::new(b"0123456789abcdef0123456789abcdef");
+        assert!(rotated.verify(&plain_new.mint("carol", None, 60)).is_ok());
+        assert_eq!(
+            rotated
+                .verify(&plain_old.mint("carol", None, 60))
+                .unwrap_err()
+                .code,
+            ErrorCode::BadToken
+        );
+        // A kid naming the previous key but signed with the current secret,
+        // or a kid naming no key: refused.
+        let mislabelled = TokenVerifier::new(b"fedcba9876543210fedcba9876543210").with_kid("k1");
+        assert_eq!(
+            rotated
+                .verify(&mislabelled.mint("dave", None, 60))
+                .unwrap_err()
+                .code,
+            ErrorCode::BadToken
+        );
+        let unknown = TokenVerifier::new(b"fedcba9876543210fedcba9876543210").with_kid("k9");
+        let e = rotated.verify(&unknown.mint("erin", None, 60)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadToken);
+        assert!(e.message.contains("kid"), "{}", e.message);
+        // After the previous secret is dropped, the old tokens stop working.
+        assert!(new.verify(&old.mint("alice", None, 60)).is_err());
+        // Minted tokens carry the current kid.
+        let header = jsonwebtoken::decode_header(rotated.mint("x", None, 60)).unwrap();
+        assert_eq!(header.kid.as_deref(), Some("k2"));
     }
 
     #[test]

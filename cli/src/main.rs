@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a ferry node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a client token (JWT, HS256) with this node's secret.
     Token(TokenArgs),
     /// Chat in the terminal: send to a user or group, see deliveries and acks.
@@ -95,12 +95,15 @@ struct TokenArgs {
     /// Use this secret instead of the data dir's.
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// Put this key id in the token's header (`kid`): the server's `jwt_kid`.
+    #[arg(long, env = "FERRY_JWT_KID")]
+    jwt_kid: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
         Command::Chat(args) => chat(args),
         Command::Backup(args) => backup(args),
@@ -190,7 +193,10 @@ fn chat(args: chat::ChatArgs) -> anyhow::Result<()> {
 fn token(args: TokenArgs) -> anyhow::Result<()> {
     let (secret, _) = load_or_create_secret(args.jwt_secret.as_deref(), &args.data_dir)
         .context("loading the JWT secret")?;
-    let verifier = TokenVerifier::new(&secret);
+    let mut verifier = TokenVerifier::new(&secret);
+    if let Some(kid) = &args.jwt_kid {
+        verifier = verifier.with_kid(kid);
+    }
     println!(
         "{}",
         verifier.mint(&args.uid, args.device.as_deref(), args.ttl_secs)
@@ -281,8 +287,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Tests and scripts read this line to learn the ports (with port 0).
         println!("ferry listening: clients={client_addr} ops=http://{http_addr}");
         info!(%client_addr, %http_addr, data_dir = %config.data_dir.display(), "ferry started");
-        let server =
-            Server::new(config, router, TokenVerifier::new(&secret)).with_admin_token(&admin_token);
+        let tokens = config.token_verifier(&secret);
+        let server = Server::new(config, router, tokens).with_admin_token(&admin_token);
         server.run(listener, http, shutdown).await;
         anyhow::Ok(())
     })?;

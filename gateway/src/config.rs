@@ -73,6 +73,17 @@ pub struct Config {
     /// is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<String>,
+    /// Key id of the JWT secret: tokens `ferry token` mints carry it as
+    /// their header's `kid`, and tokens naming it are checked with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_kid: Option<String>,
+    /// The previous JWT secret, during a rotation: still accepted for
+    /// tokens whose header `kid` is `jwt_previous_kid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_previous_secret: Option<String>,
+    /// Key id of `jwt_previous_secret` (required with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_previous_kid: Option<String>,
     /// Bearer token of the admin HTTP API. When unset,
     /// `<data_dir>/admin.token` is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -115,6 +126,9 @@ impl Default for Config {
             write_timeout_secs: 10,
             max_pending_auth: 1024,
             jwt_secret: None,
+            jwt_kid: None,
+            jwt_previous_secret: None,
+            jwt_previous_kid: None,
             admin_token: None,
             backup_dir: None,
             shutdown_timeout_secs: 10,
@@ -181,6 +195,15 @@ pub struct ServeArgs {
     /// HS256 secret for client tokens [default: <data-dir>/jwt.secret, created on first start].
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Key id (JWT header `kid`) of the JWT secret [default: none].
+    #[arg(long, env = "FERRY_JWT_KID")]
+    pub jwt_kid: Option<String>,
+    /// The previous JWT secret, accepted for tokens whose `kid` is --jwt-previous-kid (secret rotation) [default: none].
+    #[arg(long, env = "FERRY_JWT_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_previous_secret: Option<String>,
+    /// Key id of --jwt-previous-secret [default: none].
+    #[arg(long, env = "FERRY_JWT_PREVIOUS_KID")]
+    pub jwt_previous_kid: Option<String>,
     /// Bearer token for the admin HTTP API [default: <data-dir>/admin.token, created on first start].
     #[arg(long, env = "FERRY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -586,6 +609,15 @@ impl ServeArgs {
         if self.jwt_secret.is_some() {
             config.jwt_secret = self.jwt_secret.clone();
         }
+        if self.jwt_kid.is_some() {
+            config.jwt_kid = self.jwt_kid.clone();
+        }
+        if self.jwt_previous_secret.is_some() {
+            config.jwt_previous_secret = self.jwt_previous_secret.clone();
+        }
+        if self.jwt_previous_kid.is_some() {
+            config.jwt_previous_kid = self.jwt_previous_kid.clone();
+        }
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token.clone();
         }
@@ -599,6 +631,20 @@ impl Config {
     /// Where RocksDB lives inside the data dir.
     pub fn db_path(&self) -> PathBuf {
         ferry_storage::backup::db_path_of(&self.data_dir)
+    }
+
+    /// The client-token verifier for the current JWT `secret` (from the
+    /// configuration or the data dir), with `jwt_kid` and, during a
+    /// rotation, the previous secret.
+    pub fn token_verifier(&self, secret: &[u8]) -> crate::auth::TokenVerifier {
+        let mut verifier = crate::auth::TokenVerifier::new(secret);
+        if let Some(kid) = &self.jwt_kid {
+            verifier = verifier.with_kid(kid);
+        }
+        if let (Some(previous), Some(kid)) = (&self.jwt_previous_secret, &self.jwt_previous_kid) {
+            verifier = verifier.with_previous(kid, previous.as_bytes());
+        }
+        verifier
     }
 
     /// The storage settings.
@@ -712,6 +758,22 @@ impl Config {
         check(self.max_pending_auth >= 1, "max_pending_auth must be ≥ 1")?;
         check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
         check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
+        if let Some(secret) = &self.jwt_previous_secret {
+            check(
+                secret.len() >= 16,
+                "jwt_previous_secret must be at least 16 bytes",
+            )?;
+            check(
+                self.jwt_previous_kid
+                    .as_deref()
+                    .is_some_and(|k| !k.is_empty()),
+                "jwt_previous_secret needs jwt_previous_kid (the kid of the tokens it signed)",
+            )?;
+            check(
+                self.jwt_previous_kid != self.jwt_kid,
+                "jwt_previous_kid must differ from jwt_kid",
+            )?;
+        }
         if let Some(secret) = &self.jwt_secret {
             check(secret.len() >= 16, "jwt_secret must be at least 16 bytes")?;
         }
@@ -727,6 +789,9 @@ impl Config {
     /// The effective configuration as TOML (secrets are redacted).
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        if shown.jwt_previous_secret.is_some() {
+            shown.jwt_previous_secret = Some("<redacted>".into());
+        }
         if shown.jwt_secret.is_some() {
             shown.jwt_secret = Some("<redacted>".into());
         }
@@ -783,6 +848,33 @@ mod tests {
         let text = args.resolve().unwrap().to_toml();
         assert!(text.contains("admin_token = \"<redacted>\""), "{text}");
         assert!(!text.contains("a-long-enough-admin-token"));
+    }
+
+    #[test]
+    fn a_previous_secret_needs_its_own_kid_and_is_never_printed() {
+        let previous = "the-previous-secret-0123";
+        for (kid, previous_kid) in [(Some("k2"), None), (Some("k2"), Some("k2"))] {
+            let args = ServeArgs {
+                jwt_kid: kid.map(Into::into),
+                jwt_previous_secret: Some(previous.into()),
+                jwt_previous_kid: previous_kid.map(Into::into),
+                ..Default::default()
+            };
+            assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))));
+        }
+        let args = ServeArgs {
+            jwt_kid: Some("k2".into()),
+            jwt_previous_secret: Some(previous.into()),
+            jwt_previous_kid: Some("k1".into()),
+            ..Default::default()
+        };
+        let text = args.resolve().unwrap().to_toml();
+        assert!(
+            text.contains("jwt_previous_secret = \"<redacted>\""),
+            "{text}"
+        );
+        assert!(!text.contains(previous));
+        assert!(text.contains("jwt_previous_kid = \"k1\""), "{text}");
     }
 
     #[test]

@@ -81,7 +81,8 @@ impl TestServer {
             .expect("bind http");
         let addr = listener.local_addr().unwrap();
         let http_addr = http.local_addr().unwrap();
-        let tokens = TokenVerifier::new(TEST_SECRET.as_bytes());
+        let secret = config.jwt_secret.clone().unwrap_or(TEST_SECRET.into());
+        let tokens = config.token_verifier(secret.as_bytes());
         let router = ferry_gateway::open_router(&config).expect("open storage");
         let server = Server::new(config, router.clone(), tokens.clone());
         let (stop, stopped) = oneshot::channel::<()>();

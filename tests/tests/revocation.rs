@@ -3,7 +3,8 @@
 //! sessions holding them are kicked with `TOKEN_REVOKED`, and a later Auth
 //! with one is refused with the same code. The revocation is durable
 //! (survives `kill -9` and a restart) and, in a cluster, lives on the
-//! user's home node whatever node the call reaches.
+//! user's home node whatever node the call reaches. Also secret rotation:
+//! two accepted secrets, chosen by the token header's `kid`.
 
 use ferry_e2e::cluster::TestCluster;
 use ferry_e2e::*;
@@ -193,4 +194,38 @@ async fn in_a_cluster_a_revocation_on_any_node_acts_on_the_users_home() {
     }
     let mut fresh = login_with(cluster.addr(2), &token_issued(&user, Some(t)), "phone").await;
     assert_alive(&mut fresh).await;
+}
+
+#[tokio::test]
+async fn during_a_secret_rotation_the_kid_chooses_the_current_or_the_previous_secret() {
+    const OLD: &str = "old-secret-0123456789abcdef";
+    let server = TestServer::start_with(|c| {
+        c.jwt_kid = Some("k2".into());
+        c.jwt_previous_secret = Some(OLD.into());
+        c.jwt_previous_kid = Some("k1".into());
+    })
+    .await;
+    let old = TokenVerifier::new(OLD.as_bytes()).with_kid("k1");
+    // Minted before the rotation (previous secret, kid k1) and after it
+    // (the server's current secret, kid k2): both log in.
+    let mut before = login_with(server.addr, &old.mint("alice", None, 600), "phone").await;
+    let mut after = login_with(server.addr, &server.token("bob"), "phone").await;
+    assert_alive(&mut before).await;
+    assert_alive(&mut after).await;
+    // The old secret under the current kid, or an unknown kid: refused.
+    for token in [
+        TokenVerifier::new(OLD.as_bytes())
+            .with_kid("k2")
+            .mint("carol", None, 600),
+        TokenVerifier::new(OLD.as_bytes())
+            .with_kid("k7")
+            .mint("carol", None, 600),
+    ] {
+        let mut c = Client::connect(server.addr).await.expect("connect");
+        let e = within(c.authenticate(&token, "phone", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::BadToken), "{e}");
+    }
+    server.stop().await;
 }
