@@ -39,7 +39,7 @@ fn invalid(e: limits::LimitError) -> BodyError {
     BodyError::Invalid(e.to_string())
 }
 
-/// `POST /v1/admin/groups`.
+/// `POST /admin/groups`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGroup {
@@ -74,7 +74,7 @@ struct Members {
     members: Vec<String>,
 }
 
-/// The body of `POST`/`DELETE /v1/admin/groups/{id}/members`:
+/// The body of `POST /admin/groups/{id}/members` and `…/members/remove`:
 /// `{"members": [...]}`, 1..=[`limits::MAX_USERS_PER_CHANGE`] valid ids.
 pub fn members(body: &[u8]) -> Result<Vec<String>, BodyError> {
     let req: Members = parse(body)?;
@@ -98,7 +98,7 @@ fn text_plain() -> String {
     "text/plain".into()
 }
 
-/// A system message (`POST /v1/admin/users/{id}/messages`,
+/// A system message (`POST /admin/users/{id}/messages`,
 /// `/groups/{id}/messages`), checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SystemMessage {
@@ -140,7 +140,7 @@ pub fn system_message(body: &[u8], max_frame_bytes: usize) -> Result<SystemMessa
     })
 }
 
-/// `POST /v1/admin/users/{id}/kick`, checked.
+/// `POST /admin/users/{id}/kick`, checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kick {
@@ -168,7 +168,7 @@ pub fn kick(body: &[u8]) -> Result<Kick, BodyError> {
     Ok(req)
 }
 
-/// `POST /v1/admin/users/{id}/revoke`, checked.
+/// `POST /admin/users/{id}/revoke`, checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revoke {
