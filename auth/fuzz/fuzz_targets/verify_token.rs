@@ -5,7 +5,8 @@
 //! (so that the claims parser and every check after the signature run on
 //! arbitrary JSON), or arbitrary header and claims, both signed. Verifying
 //! never panics, a refusal carries one of the documented codes, and a token
-//! that passes has a usable user id and has not expired.
+//! that passes has a usable user id and has not expired. The verifier has
+//! a current and a previous secret, chosen by the header's `kid`.
 #![no_main]
 
 use std::sync::LazyLock;
@@ -19,7 +20,13 @@ use libfuzzer_sys::fuzz_target;
 
 const SECRET: &[u8] = b"fuzz-secret-0123456789abcdef-fuzz";
 
-static VERIFIER: LazyLock<TokenVerifier> = LazyLock::new(|| TokenVerifier::new(SECRET));
+/// The current secret under kid `k2`, a previous one under `k1` (secret
+/// rotation): arbitrary headers choose between them.
+static VERIFIER: LazyLock<TokenVerifier> = LazyLock::new(|| {
+    TokenVerifier::new(SECRET)
+        .with_kid("k2")
+        .with_previous("k1", b"previous-fuzz-secret-0123456789ab")
+});
 
 /// `header.claims.signature`, signed with [`SECRET`].
 fn signed(header: &[u8], claims: &[u8]) -> String {
