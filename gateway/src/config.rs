@@ -36,11 +36,74 @@ pub enum LogFormat {
     Json,
 }
 
+/// A listen address that may be off: `""` (in the file, a flag or the
+/// environment) turns the listener off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl ListenAddr {
+    /// Listening on `addr`.
+    pub fn on(addr: SocketAddr) -> ListenAddr {
+        ListenAddr(Some(addr))
+    }
+
+    /// The address, if the listener is on.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<ListenAddr, Self::Err> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(ListenAddr(None));
+        }
+        text.parse().map(|a| ListenAddr(Some(a)))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ListenAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e} (\"\" turns it off)")))
+    }
+}
+
 /// The effective configuration of `ferry serve`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
-    /// Client (TCP, framed Protobuf) listen address.
-    pub listen: SocketAddr,
+    /// Client (TCP, framed Protobuf) listen address; off (`""`) for a
+    /// TLS-only node.
+    pub listen: ListenAddr,
+    /// Client listen address of the same protocol inside TLS; off (`""`,
+    /// the default) for none. Needs `tls_cert` and `tls_key`.
+    pub tls_listen: ListenAddr,
+    /// PEM certificate chain of the TLS port, leaf first (reloaded on SIGHUP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS port (PKCS#8, PKCS#1 or SEC1; reloaded on
+    /// SIGHUP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     /// Ops HTTP listen address (/healthz, /readyz, /metrics, admin API).
     /// Loopback by default: the admin API must not face the network.
     pub http_listen: SocketAddr,
@@ -98,7 +161,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "0.0.0.0:7600".parse().expect("valid literal"),
+            listen: ListenAddr::on("0.0.0.0:7600".parse().expect("valid literal")),
+            tls_listen: ListenAddr(None),
+            tls_cert: None,
+            tls_key: None,
             http_listen: "127.0.0.1:7601".parse().expect("valid literal"),
             data_dir: PathBuf::from("./data"),
             heartbeat_secs: 30,
@@ -137,9 +203,18 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
-    /// Client listen address [default: 0.0.0.0:7600].
+    /// Client listen address; "" turns the plaintext port off (a TLS-only node) [default: 0.0.0.0:7600].
     #[arg(long, env = "FERRY_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<ListenAddr>,
+    /// TLS client listen address (same protocol inside TLS 1.2/1.3); needs --tls-cert and --tls-key [default: off].
+    #[arg(long, env = "FERRY_TLS_LISTEN")]
+    pub tls_listen: Option<ListenAddr>,
+    /// PEM certificate chain for the TLS port, leaf first; re-read on SIGHUP.
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS port; re-read on SIGHUP.
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Ops HTTP listen address [default: 127.0.0.1:7601].
     #[arg(long, env = "FERRY_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
@@ -557,6 +632,7 @@ impl ServeArgs {
             config,
             self,
             listen,
+            tls_listen,
             http_listen,
             data_dir,
             heartbeat_secs,
@@ -577,6 +653,12 @@ impl ServeArgs {
         );
         if self.jwt_secret.is_some() {
             config.jwt_secret = self.jwt_secret.clone();
+        }
+        if self.tls_cert.is_some() {
+            config.tls_cert = self.tls_cert.clone();
+        }
+        if self.tls_key.is_some() {
+            config.tls_key = self.tls_key.clone();
         }
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token.clone();
@@ -664,6 +746,27 @@ impl Config {
                 Err(ConfigError::Invalid(what.to_owned()))
             }
         };
+        check(
+            self.listen.addr().is_some() || self.tls_listen.addr().is_some(),
+            "no client port: set listen, tls_listen or both",
+        )?;
+        if self.tls_listen.addr().is_some() {
+            check(
+                self.tls_cert.is_some() && self.tls_key.is_some(),
+                "tls_listen needs tls_cert and tls_key (PEM files)",
+            )?;
+            // Port 0 (any free port, as tests use) may appear on both.
+            check(
+                self.listen.addr() != self.tls_listen.addr()
+                    || self.tls_listen.addr().is_some_and(|a| a.port() == 0),
+                "listen and tls_listen must differ",
+            )?;
+        } else {
+            check(
+                self.tls_cert.is_none() && self.tls_key.is_none(),
+                "tls_cert and tls_key are set but tls_listen is not",
+            )?;
+        }
         check(self.heartbeat_secs >= 1, "heartbeat_secs must be ≥ 1")?;
         check(self.heartbeat_secs <= 3600, "heartbeat_secs must be ≤ 3600")?;
         check(self.auth_timeout_secs >= 1, "auth_timeout_secs must be ≥ 1")?;
@@ -1019,6 +1122,52 @@ ops_address = "[fd00::2]:7601"
             "tcp://h:1",
         ] {
             assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_plain_port_can_be_turned_off_for_a_tls_only_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(
+            &path,
+            "listen = \"\"\ntls_listen = \"0.0.0.0:7643\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen.addr(), None);
+        assert_eq!(c.tls_listen.addr().unwrap().port(), 7643);
+        let text = c.to_toml();
+        assert!(text.contains("listen = \"\""), "{text}");
+        let back: ServeArgs = toml::from_str(&text).unwrap();
+        assert_eq!(back.listen, Some(ListenAddr(None)));
+        assert_eq!(back.tls_cert, Some(PathBuf::from("c.pem")));
+        // The flag form.
+        assert_eq!("".parse::<ListenAddr>().unwrap(), ListenAddr(None));
+        // Neither port, TLS without its files, files without TLS.
+        for args in [
+            ServeArgs {
+                listen: Some(ListenAddr(None)),
+                ..Default::default()
+            },
+            ServeArgs {
+                tls_listen: Some("127.0.0.1:7643".parse().unwrap()),
+                tls_cert: Some("c.pem".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                tls_key: Some("k.pem".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(args.resolve(), Err(ConfigError::Invalid(_))),
+                "{args:?}"
+            );
         }
     }
 

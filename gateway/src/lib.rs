@@ -4,6 +4,8 @@
 //!   graceful shutdown.
 //! - `connection`: one connection's auth handshake, read loop, writer task
 //!   and lingering close.
+//! - [`tls`]: the TLS port's rustls configuration and its certificate
+//!   reload.
 //! - [`wheel`]: the hashed timing wheel behind the heartbeat.
 //! - [`auth`]: JWT verification and the secret's source (the `ferry-auth`
 //!   crate, re-exported).
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod presence;
 pub mod rlimit;
 pub mod server;
+pub mod tls;
 pub mod wheel;
 
 pub use ferry_auth as auth;

@@ -27,6 +27,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::tls::HandshakeFailure;
+
 /// Buckets (seconds) of the latency histograms (`ferry_commit_seconds`,
 /// `ferry_commit_apply_seconds`, `ferry_commit_sink_seconds`,
 /// `ferry_send_ack_seconds`): from 50 µs (applying a small batch to the
@@ -158,6 +160,15 @@ fn describe_all() {
     describe_counter!(
         "ferry_redirects_total",
         "Cluster mode: Auths answered with Redirect, by the user's home node"
+    );
+    describe_counter!(
+        "ferry_tls_handshake_failures_total",
+        "TLS port: connections closed before or during the TLS handshake, by reason \
+         (not_tls, timeout, alert, incompatible, protocol, closed)"
+    );
+    describe_counter!(
+        "ferry_tls_cert_reloads_total",
+        "TLS certificate reloads (SIGHUP), by result (ok, error)"
     );
     describe_counter!(
         "ferry_admin_requests_total",
@@ -295,6 +306,7 @@ struct Handles {
     rss: Gauge,
     open_fds: Gauge,
     max_fds: Gauge,
+    tls_failures: Vec<Counter>,
 }
 
 fn by_code(name: &'static str, label: &'static str, codes: &[ErrorCode]) -> Vec<Counter> {
@@ -338,6 +350,10 @@ static HANDLES: LazyLock<Handles> = LazyLock::new(|| {
         rss: gauge!("process_resident_memory_bytes"),
         open_fds: gauge!("process_open_fds"),
         max_fds: gauge!("process_max_fds"),
+        tls_failures: HandshakeFailure::ALL
+            .iter()
+            .map(|f| counter!("ferry_tls_handshake_failures_total", "reason" => f.label()))
+            .collect(),
     }
 });
 
@@ -464,6 +480,19 @@ pub fn connection_closed(reason: CloseReason) {
 /// `n` connections were closed for silence.
 pub fn heartbeat_timeouts(n: usize) {
     HANDLES.heartbeat_timeouts.increment(n as u64);
+}
+
+/// A TLS handshake failed (the connection was closed).
+pub fn tls_handshake_failed(failure: HandshakeFailure) {
+    if let Some(i) = HandshakeFailure::ALL.iter().position(|f| *f == failure) {
+        HANDLES.tls_failures[i].increment(1);
+    }
+}
+
+/// A certificate reload ended (`ok` false: the old certificate stays).
+pub fn tls_cert_reloaded(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!("ferry_tls_cert_reloads_total", "result" => result).increment(1);
 }
 
 /// One admin API request answered with `status`.

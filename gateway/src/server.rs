@@ -4,6 +4,8 @@
 //! [`Server::run`] takes bound listeners and a shutdown future, so tests bind
 //! port 0 and read the address back; the binary binds from the configuration
 //! with [`bind_client_listener`] (socket2: SO_REUSEADDR, a deep backlog).
+//! [`Server::run_on`] takes [`Listeners`]: a plain TCP port, a TLS port, or
+//! both, sharing one connection limit.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,6 +27,7 @@ use crate::admin::AdminToken;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::presence::LastSeen;
+use crate::tls::TlsAcceptor;
 use crate::wheel::{TimerKey, TimerWheel};
 use crate::{connection, http, metrics as m};
 
@@ -209,6 +212,36 @@ impl ServerState {
     }
 }
 
+/// The client ports of a node: plain TCP, TLS, or both (at least one).
+/// Both serve the same protocol and share the connection limits.
+#[derive(Default)]
+pub struct Listeners {
+    /// Plaintext frames.
+    pub plain: Option<TcpListener>,
+    /// TLS, then the same frames inside it.
+    pub tls: Option<(TcpListener, Arc<TlsAcceptor>)>,
+}
+
+impl Listeners {
+    /// Only a plain TCP port.
+    pub fn plain(listener: TcpListener) -> Listeners {
+        Listeners {
+            plain: Some(listener),
+            tls: None,
+        }
+    }
+
+    /// The address clients reach this node at: the plain port's, or the
+    /// TLS port's when there is no plain one.
+    fn client_addr(&self) -> Option<SocketAddr> {
+        match (&self.plain, &self.tls) {
+            (Some(l), _) => l.local_addr().ok(),
+            (None, Some((l, _))) => l.local_addr().ok(),
+            (None, None) => None,
+        }
+    }
+}
+
 /// A running ferry node.
 pub struct Server {
     shared: Arc<ServerState>,
@@ -270,12 +303,23 @@ impl Server {
         http: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        self.run_on(Listeners::plain(listener), http, shutdown)
+            .await
+    }
+
+    /// [`Server::run`] on a plain port, a TLS port, or both.
+    pub async fn run_on(
+        self,
+        listeners: Listeners,
+        http: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         let shared = self.shared.clone();
         let permits = shared.permits.clone();
         // Refusals get their own small budget so a flood cannot pile up tasks.
         let refusals = Arc::new(Semaphore::new(256));
 
-        if let (Ok(client), Ok(ops)) = (listener.local_addr(), http.local_addr()) {
+        if let (Some(client), Ok(ops)) = (listeners.client_addr(), http.local_addr()) {
             let _ = shared.bound.set((client, ops));
         }
         let heartbeat_task = tokio::spawn(heartbeat_loop(shared.clone()));
@@ -291,12 +335,27 @@ impl Server {
         let http_task = tokio::spawn(http::serve(http, shared.clone(), self.admin_token.clone()));
         let upkeep_task = tokio::spawn(m::upkeep_loop());
 
+        let plain = async {
+            match &listeners.plain {
+                Some(l) => accept_loop(&shared, &self.tracker, l, None, &permits, &refusals).await,
+                None => std::future::pending().await,
+            }
+        };
+        let tls = async {
+            match &listeners.tls {
+                Some((l, tls)) => {
+                    accept_loop(&shared, &self.tracker, l, Some(tls), &permits, &refusals).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = accept_loop(&shared, &self.tracker, &listener, permits, refusals) => {}
+            _ = plain => {}
+            _ = tls => {}
             _ = shutdown => {}
         }
         info!("shutting down: no longer accepting");
-        drop(listener);
+        drop(listeners);
         shared.shutdown.cancel();
         for conn in shared.router.sessions().all() {
             conn.kick(ErrorCode::ShuttingDown, "server shutting down");
@@ -320,16 +379,19 @@ impl Server {
     }
 }
 
+/// Accepts on one client port until it fails for good (never, in practice:
+/// errors back off and retry). `tls`: the port's TLS, if it is the TLS port.
 async fn accept_loop(
     shared: &Arc<ServerState>,
     tracker: &TaskTracker,
     listener: &TcpListener,
-    permits: Arc<Semaphore>,
-    refusals: Arc<Semaphore>,
+    tls: Option<&Arc<TlsAcceptor>>,
+    permits: &Arc<Semaphore>,
+    refusals: &Arc<Semaphore>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => {
                 backoff = Duration::from_millis(5);
                 accepted
@@ -353,6 +415,11 @@ async fn accept_loop(
         });
         let Ok((permit, pending)) = acquired else {
             m::rejected(ErrorCode::TooManyConnections);
+            // The TLS port cannot say why without a handshake, which a
+            // flood must not get: its refusals just close.
+            if tls.is_some() {
+                continue;
+            }
             if let Ok(refusal) = refusals.clone().try_acquire_owned() {
                 let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
                 tracker.spawn(async move {
@@ -365,11 +432,21 @@ async fn accept_loop(
         m::accepted();
         let shared = shared.clone();
         let pending = PendingAuth::new(pending);
-        tracker.spawn(async move {
-            connection::serve(shared, stream, pending).await;
-            m::released();
-            drop(permit);
-        });
+        match tls {
+            None => tracker.spawn(async move {
+                connection::serve_plain(shared, stream, peer, pending).await;
+                m::released();
+                drop(permit);
+            }),
+            Some(tls) => {
+                let tls = tls.clone();
+                tracker.spawn(async move {
+                    connection::serve_tls(shared, stream, peer, pending, tls).await;
+                    m::released();
+                    drop(permit);
+                })
+            }
+        };
     }
 }
 
