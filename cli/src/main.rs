@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a ferry node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint a client token (JWT, HS256) with this node's secret.
     Token(TokenArgs),
     /// Chat in the terminal: send to a user or group, see deliveries and acks.
@@ -68,7 +68,7 @@ struct TokenArgs {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
         Command::Chat(args) => chat(args),
     }

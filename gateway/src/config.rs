@@ -132,6 +132,25 @@ pub struct Config {
     /// more are refused with TOO_MANY_CONNECTIONS, so unauthenticated
     /// sockets can never take every slot.
     pub max_pending_auth: u32,
+    /// Connections one source address (an IPv6 /64) may hold; more get
+    /// TOO_MANY_CONNECTIONS. 0: no limit.
+    pub max_connections_per_ip: u32,
+    /// New connections one source address may open per second; more get
+    /// RATE_LIMITED. 0: no limit.
+    pub max_connects_per_sec_per_ip: u32,
+    /// Failed logins one source address may make per minute; then its new
+    /// connections get RATE_LIMITED until the minute ends. 0: no limit.
+    pub max_auth_failures_per_min_per_ip: u32,
+    /// Apply the per-address limits to loopback clients too (off: a proxy
+    /// or the bench on this host is not limited).
+    pub limit_loopback: bool,
+    /// Seconds a begun frame may take to arrive whole; then FRAME_TIMEOUT
+    /// and a close (a client trickling a frame's body, "slowloris").
+    pub frame_read_timeout_secs: u32,
+    /// Largest admin API request body; more gets 413. Unset: twice
+    /// `max_frame_bytes` (at least 64 KiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_max_body_bytes: Option<u32>,
     /// HS256 secret for client JWTs. When unset, `<data_dir>/jwt.secret`
     /// is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -176,6 +195,12 @@ impl Default for Config {
             write_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             max_pending_auth: 1024,
+            max_connections_per_ip: 1000,
+            max_connects_per_sec_per_ip: 100,
+            max_auth_failures_per_min_per_ip: 60,
+            limit_loopback: false,
+            frame_read_timeout_secs: 30,
+            admin_max_body_bytes: None,
             jwt_secret: None,
             admin_token: None,
             shutdown_timeout_secs: 10,
@@ -248,6 +273,24 @@ pub struct ServeArgs {
     /// Connections between accept and a valid Auth at once; more → TOO_MANY_CONNECTIONS [default: 1024].
     #[arg(long, env = "FERRY_MAX_PENDING_AUTH")]
     pub max_pending_auth: Option<u32>,
+    /// Connections one source address (IPv6: its /64) may hold; more → TOO_MANY_CONNECTIONS; 0 = no limit [default: 1000].
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
+    /// New connections per second one source address may open; more → RATE_LIMITED; 0 = no limit [default: 100].
+    #[arg(long, env = "FERRY_MAX_CONNECTS_PER_SEC_PER_IP")]
+    pub max_connects_per_sec_per_ip: Option<u32>,
+    /// Failed logins per minute one source address may make before its new connections get RATE_LIMITED for the rest of the minute; 0 = no limit [default: 60].
+    #[arg(long, env = "FERRY_MAX_AUTH_FAILURES_PER_MIN_PER_IP")]
+    pub max_auth_failures_per_min_per_ip: Option<u32>,
+    /// Apply the per-address limits to loopback (127.0.0.0/8, ::1) clients too [default: false].
+    #[arg(long, env = "FERRY_LIMIT_LOOPBACK", num_args = 0..=1, default_missing_value = "true")]
+    pub limit_loopback: Option<bool>,
+    /// Seconds a begun frame may take to arrive whole; then FRAME_TIMEOUT and close [default: 30].
+    #[arg(long, env = "FERRY_FRAME_READ_TIMEOUT_SECS")]
+    pub frame_read_timeout_secs: Option<u32>,
+    /// Largest admin API request body in bytes; more → 413 [default: 2 × max_frame_bytes, at least 65536].
+    #[arg(long, env = "FERRY_ADMIN_MAX_BODY_BYTES")]
+    pub admin_max_body_bytes: Option<u32>,
     /// HS256 secret for client tokens [default: <data-dir>/jwt.secret, created on first start].
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -644,6 +687,11 @@ impl ServeArgs {
             write_queue_bytes,
             write_timeout_secs,
             max_pending_auth,
+            max_connections_per_ip,
+            max_connects_per_sec_per_ip,
+            max_auth_failures_per_min_per_ip,
+            limit_loopback,
+            frame_read_timeout_secs,
             shutdown_timeout_secs,
             durability,
             retention_days,
@@ -656,6 +704,9 @@ impl ServeArgs {
         }
         if self.tls_cert.is_some() {
             config.tls_cert = self.tls_cert.clone();
+        }
+        if self.admin_max_body_bytes.is_some() {
+            config.admin_max_body_bytes = self.admin_max_body_bytes;
         }
         if self.tls_key.is_some() {
             config.tls_key = self.tls_key.clone();
@@ -678,6 +729,24 @@ impl Config {
             retention_days: self.retention_days,
             max_open_files: STORAGE_MAX_OPEN_FILES,
             ..Default::default()
+        }
+    }
+
+    /// The per-address limits.
+    pub fn ip_limits(&self) -> crate::ip_limits::IpLimitConfig {
+        crate::ip_limits::IpLimitConfig {
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connects_per_sec_per_ip: self.max_connects_per_sec_per_ip,
+            max_auth_failures_per_min_per_ip: self.max_auth_failures_per_min_per_ip,
+            limit_loopback: self.limit_loopback,
+        }
+    }
+
+    /// The admin API's request body cap.
+    pub fn admin_body_limit(&self) -> usize {
+        match self.admin_max_body_bytes {
+            Some(bytes) => bytes as usize,
+            None => (self.max_frame_bytes as usize * 2).max(64 * 1024),
         }
     }
 
@@ -802,6 +871,13 @@ impl Config {
             "write_timeout_secs must be ≥ 1",
         )?;
         check(self.max_pending_auth >= 1, "max_pending_auth must be ≥ 1")?;
+        check(
+            self.frame_read_timeout_secs >= 1,
+            "frame_read_timeout_secs must be ≥ 1",
+        )?;
+        if let Some(bytes) = self.admin_max_body_bytes {
+            check(bytes >= 4096, "admin_max_body_bytes must be ≥ 4096")?;
+        }
         check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
         check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
         if let Some(secret) = &self.jwt_secret {

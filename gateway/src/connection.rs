@@ -57,6 +57,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::auth::MAX_ID_BYTES;
+use crate::ip_limits::IpSlot;
 use crate::metrics as m;
 use crate::server::{PendingAuth, ServerState};
 use crate::tls::{HandshakeFailure, TLS_HANDSHAKE_RECORD, TlsAcceptor};
@@ -136,10 +137,11 @@ pub(crate) async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     pending: PendingAuth,
+    ip_slot: IpSlot,
 ) {
     let deadline = auth_deadline(&shared);
     let (read, write) = stream.into_split();
-    serve(shared, read, write, peer, pending, deadline).await;
+    serve(shared, read, write, peer, pending, ip_slot, deadline).await;
 }
 
 /// Serves one accepted connection of the TLS port: the handshake (within
@@ -150,6 +152,7 @@ pub(crate) async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     pending: PendingAuth,
+    ip_slot: IpSlot,
     tls: Arc<TlsAcceptor>,
 ) {
     let deadline = auth_deadline(&shared);
@@ -199,7 +202,7 @@ pub(crate) async fn serve_tls(
         }
     };
     let (read, write) = tokio::io::split(stream);
-    serve(shared, read, write, peer, pending, deadline).await;
+    serve(shared, read, write, peer, pending, ip_slot, deadline).await;
 }
 
 /// Serves one connection (after its TLS handshake, if any) until it closes.
@@ -213,6 +216,7 @@ async fn serve<R: ReadSide, W: AsyncWrite + Unpin + Send + 'static>(
     mut write: W,
     peer: SocketAddr,
     pending: PendingAuth,
+    ip_slot: IpSlot,
     deadline: Instant,
 ) {
     let peer = Some(peer);
@@ -230,6 +234,13 @@ async fn serve<R: ReadSide, W: AsyncWrite + Unpin + Send + 'static>(
         }
         Err(AuthFailure::Reject(code, message)) => {
             m::rejected(code);
+            // Guessing tokens from one address is throttled (ip_limits).
+            if matches!(
+                code,
+                ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::BadAuth
+            ) {
+                shared.ip_limits.auth_failed(&ip_slot, shared.clock.now());
+            }
             info!(?peer, ?code, %message, "auth rejected");
             let frame = Frame::error(code, message);
             let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
@@ -464,7 +475,11 @@ async fn read_loop<R: ReadSide>(
     let max_per_sec = shared.config.max_frames_per_sec;
     let mut window = shared.clock.now();
     let mut frames_in_window = 0u32;
+    let frame_timeout = Duration::from_secs(shared.config.frame_read_timeout_secs as u64);
+    // When the frame now partly buffered must be complete (slowloris bound).
+    let mut frame_deadline: Option<Instant> = None;
     loop {
+        let mut decoded = false;
         // Frames already buffered (the auth read may have over-read).
         loop {
             let raw = match codec.decode_raw(&mut buf) {
@@ -488,6 +503,7 @@ async fn read_loop<R: ReadSide>(
                     format!("more than {max_per_sec} frames per second"),
                 ));
             }
+            decoded = true;
             let raw_len = raw.len();
             m::bytes_in(raw_len + LENGTH_PREFIX_BYTES);
             let frame = Frame::decode(raw)
@@ -516,7 +532,18 @@ async fn read_loop<R: ReadSide>(
         if buf.is_empty() {
             // Give the allocation back: idle connections hold no read buffer.
             buf = BytesMut::new();
+            frame_deadline = None;
+        } else if decoded || frame_deadline.is_none() {
+            // A new frame has begun: it gets the whole timeout.
+            frame_deadline = Some(Instant::now() + frame_timeout);
         }
+        // Boxed: inline, the timer would grow every idle connection's task.
+        let frame_timer = async {
+            match frame_deadline {
+                Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = conn.cancelled().cancelled() => return Ok(()),
@@ -524,6 +551,16 @@ async fn read_loop<R: ReadSide>(
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => {}
             },
+            _ = frame_timer => {
+                m::frame_timeout();
+                return Err((
+                    ErrorCode::FrameTimeout,
+                    format!(
+                        "a frame begun was not complete within {} s",
+                        frame_timeout.as_secs()
+                    ),
+                ));
+            }
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`auth`]: JWT verification and the secret's source (the `ferry-auth`
 //!   crate, re-exported).
 //! - [`config`]: defaults < TOML file < environment < flags.
+//! - [`ip_limits`]: connections, connects per second and failed logins
+//!   per source address.
 //! - [`rlimit`]: the open-file limit.
 //! - `http`: the ops HTTP port: health, readiness, `/metrics`, and the
 //!   [`admin`] API.
@@ -24,6 +26,7 @@ mod admin_forward;
 pub mod config;
 mod connection;
 mod http;
+pub mod ip_limits;
 pub mod metrics;
 pub mod presence;
 pub mod rlimit;

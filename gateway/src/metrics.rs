@@ -27,6 +27,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::ip_limits::IpRefusal;
 use crate::tls::HandshakeFailure;
 
 /// Buckets (seconds) of the latency histograms (`ferry_commit_seconds`,
@@ -167,6 +168,15 @@ fn describe_all() {
          (not_tls, timeout, alert, incompatible, protocol, closed)"
     );
     describe_counter!(
+        "ferry_ip_limit_refusals_total",
+        "Connections refused at accept by a per-address limit, by limit \
+         (connections_per_ip, connects_per_sec_per_ip, auth_failures_per_ip)"
+    );
+    describe_counter!(
+        "ferry_frame_timeouts_total",
+        "Connections closed because a begun frame did not arrive whole within frame_read_timeout_secs"
+    );
+    describe_counter!(
         "ferry_tls_cert_reloads_total",
         "TLS certificate reloads (SIGHUP), by result (ok, error)"
     );
@@ -263,6 +273,7 @@ const REJECT_CODES: &[ErrorCode] = &[
     ErrorCode::MalformedFrame,
     ErrorCode::BadAuth,
     ErrorCode::TooManyConnections,
+    ErrorCode::RateLimited,
     ErrorCode::ShuttingDown,
     ErrorCode::Unavailable,
 ];
@@ -273,6 +284,7 @@ const CLOSE_CODES: &[ErrorCode] = &[
     ErrorCode::RateLimited,
     ErrorCode::FrameTooLarge,
     ErrorCode::MalformedFrame,
+    ErrorCode::FrameTimeout,
     ErrorCode::LoggedInElsewhere,
     ErrorCode::Kicked,
     ErrorCode::ShuttingDown,
@@ -307,6 +319,7 @@ struct Handles {
     open_fds: Gauge,
     max_fds: Gauge,
     tls_failures: Vec<Counter>,
+    ip_refusals: Vec<Counter>,
 }
 
 fn by_code(name: &'static str, label: &'static str, codes: &[ErrorCode]) -> Vec<Counter> {
@@ -353,6 +366,10 @@ static HANDLES: LazyLock<Handles> = LazyLock::new(|| {
         tls_failures: HandshakeFailure::ALL
             .iter()
             .map(|f| counter!("ferry_tls_handshake_failures_total", "reason" => f.label()))
+            .collect(),
+        ip_refusals: IpRefusal::ALL
+            .iter()
+            .map(|r| counter!("ferry_ip_limit_refusals_total", "limit" => r.label()))
             .collect(),
     }
 });
@@ -486,6 +503,18 @@ pub fn heartbeat_timeouts(n: usize) {
 pub fn tls_handshake_failed(failure: HandshakeFailure) {
     if let Some(i) = HandshakeFailure::ALL.iter().position(|f| *f == failure) {
         HANDLES.tls_failures[i].increment(1);
+    }
+}
+
+/// A connection was closed for a frame that did not arrive whole in time.
+pub fn frame_timeout() {
+    counter!("ferry_frame_timeouts_total").increment(1);
+}
+
+/// A connection was refused by a per-address limit.
+pub fn ip_refused(refusal: IpRefusal) {
+    if let Some(i) = IpRefusal::ALL.iter().position(|r| *r == refusal) {
+        HANDLES.ip_refusals[i].increment(1);
     }
 }
 

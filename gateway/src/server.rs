@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::admin::AdminToken;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::ip_limits::IpLimits;
 use crate::presence::LastSeen;
 use crate::tls::TlsAcceptor;
 use crate::wheel::{TimerKey, TimerWheel};
@@ -181,6 +182,8 @@ pub(crate) struct ServerState {
     pub pending_auth: Arc<Semaphore>,
     /// When users' connections last ended (admin presence).
     pub last_seen: LastSeen,
+    /// Connections, connects per second and failed logins per source address.
+    pub ip_limits: Arc<IpLimits>,
     /// The bound client and ops addresses, once [`Server::run`] has them
     /// (a single node's `/v1/route` answers with them).
     pub bound: std::sync::OnceLock<(SocketAddr, SocketAddr)>,
@@ -263,6 +266,7 @@ impl Server {
             .map(|t| Arc::new(AdminToken::new(t.as_bytes())));
         let permits = Arc::new(Semaphore::new(config.max_connections as usize));
         let pending_auth = Arc::new(Semaphore::new(config.max_pending_auth as usize));
+        let ip_limits = IpLimits::new(config.ip_limits());
         Server {
             shared: Arc::new(ServerState {
                 config,
@@ -274,6 +278,7 @@ impl Server {
                 permits,
                 pending_auth,
                 last_seen: LastSeen::default(),
+                ip_limits,
                 bound: std::sync::OnceLock::new(),
             }),
             tracker: TaskTracker::new(),
@@ -406,6 +411,26 @@ async fn accept_loop(
             }
         };
         tune_socket(&stream);
+        // Per source address first: a flood from one address is refused
+        // before it can take places shared by everyone.
+        let ip_slot = match shared.ip_limits.admit(peer.ip(), shared.clock.now()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                m::ip_refused(refusal);
+                let (code, message) = refusal.error();
+                m::rejected(code);
+                spawn_refusal(
+                    shared,
+                    tracker,
+                    refusals,
+                    stream,
+                    tls.is_some(),
+                    code,
+                    message,
+                );
+                continue;
+            }
+        };
         // A connection needs a slot, and until it authenticates, one of the
         // places for pending auths too: sockets that never authenticate
         // cannot take the slots of users who do.
@@ -415,18 +440,15 @@ async fn accept_loop(
         });
         let Ok((permit, pending)) = acquired else {
             m::rejected(ErrorCode::TooManyConnections);
-            // The TLS port cannot say why without a handshake, which a
-            // flood must not get: its refusals just close.
-            if tls.is_some() {
-                continue;
-            }
-            if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
-                tracker.spawn(async move {
-                    refuse(stream, codec, ErrorCode::TooManyConnections).await;
-                    drop(refusal);
-                });
-            }
+            spawn_refusal(
+                shared,
+                tracker,
+                refusals,
+                stream,
+                tls.is_some(),
+                ErrorCode::TooManyConnections,
+                "server at its connection limit",
+            );
             continue;
         };
         m::accepted();
@@ -434,14 +456,14 @@ async fn accept_loop(
         let pending = PendingAuth::new(pending);
         match tls {
             None => tracker.spawn(async move {
-                connection::serve_plain(shared, stream, peer, pending).await;
+                connection::serve_plain(shared, stream, peer, pending, ip_slot).await;
                 m::released();
                 drop(permit);
             }),
             Some(tls) => {
                 let tls = tls.clone();
                 tracker.spawn(async move {
-                    connection::serve_tls(shared, stream, peer, pending, tls).await;
+                    connection::serve_tls(shared, stream, peer, pending, ip_slot, tls).await;
                     m::released();
                     drop(permit);
                 })
@@ -473,13 +495,34 @@ fn tune_socket(stream: &TcpStream) {
     let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT_BYTES);
 }
 
-async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode) {
+/// Answers a refused connection with `code` and closes it, within the
+/// refusals' own small budget (beyond it, or on the TLS port, which cannot
+/// say anything without a handshake a flood must not get: just closes).
+fn spawn_refusal(
+    shared: &ServerState,
+    tracker: &TaskTracker,
+    refusals: &Arc<Semaphore>,
+    stream: TcpStream,
+    is_tls: bool,
+    code: ErrorCode,
+    message: &'static str,
+) {
+    if is_tls {
+        return;
+    }
+    if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+        let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
+        tracker.spawn(async move {
+            refuse(stream, codec, code, message).await;
+            drop(refusal);
+        });
+    }
+}
+
+async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode, message: &str) {
     let mut out = bytes::BytesMut::new();
     if codec
-        .encode_frame(
-            &Frame::error(code, "server at its connection limit"),
-            &mut out,
-        )
+        .encode_frame(&Frame::error(code, message), &mut out)
         .is_ok()
     {
         let write = async {
@@ -507,6 +550,9 @@ async fn heartbeat_loop(shared: Arc<ServerState>) {
     loop {
         ticks.tick().await;
         let now = shared.clock.update();
+        if now.is_multiple_of(10) {
+            shared.ip_limits.sweep(now);
+        }
         let expired = shared.heartbeat.advance(now);
         if expired > 0 {
             info!(expired, "closed silent connections");
