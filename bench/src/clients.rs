@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_gateway::auth::TokenVerifier;
-use ferry_protocol::client::{Client, FrameReader, FrameWriter, MAX_REDIRECTS};
+use ferry_protocol::client::{
+    Client, FrameReader, FrameWriter, MAX_REDIRECTS, TlsConnector, Transport,
+};
 use ferry_protocol::proto::{self, Frame, frame::Body};
 use ferry_protocol::{FrameCodec, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
@@ -62,6 +64,34 @@ pub struct Fleet {
     pub ramp_per_sec: f64,
     /// Idle seconds before a Ping.
     pub ping_secs: u64,
+    /// Connect with TLS trusting this (`--tls`).
+    pub tls: Option<FleetTls>,
+}
+
+/// What a harness process trusts with `--tls`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FleetTls {
+    /// The CA certificate(s), PEM.
+    pub ca_pem: String,
+    /// The name verified in the server's certificate (default: the host dialled).
+    pub server_name: Option<String>,
+}
+
+/// How this process's connections are made: plain until [`use_tls`].
+static TRANSPORT: std::sync::OnceLock<Transport> = std::sync::OnceLock::new();
+
+/// Makes every later connection of this process TLS, trusting `tls`.
+pub fn use_tls(tls: &FleetTls) -> anyhow::Result<()> {
+    let mut connector = TlsConnector::from_ca_pem(tls.ca_pem.as_bytes())?;
+    if let Some(name) = &tls.server_name {
+        connector = connector.with_server_name(name)?;
+    }
+    let _ = TRANSPORT.set(Transport::Tls(connector));
+    Ok(())
+}
+
+fn transport() -> &'static Transport {
+    TRANSPORT.get_or_init(|| Transport::Plain)
 }
 
 impl Fleet {
@@ -100,6 +130,11 @@ impl Fleet {
         last_seq: u64,
         skip_sync: bool,
     ) -> anyhow::Result<(FrameReader, FrameWriter, proto::AuthOk)> {
+        if let Some(tls) = &self.tls
+            && TRANSPORT.get().is_none()
+        {
+            use_tls(tls)?;
+        }
         connect_login(
             self.dial(index),
             self.source_ips,
@@ -196,7 +231,7 @@ pub async fn connect_login(
     let mut addr = addr;
     for _ in 0..=MAX_REDIRECTS {
         let stream = tcp_connect(addr, source_ips, index).await?;
-        let client = Client::from_stream(stream, client_codec());
+        let client = Client::over(stream, &addr.to_string(), transport(), client_codec()).await?;
         match login_or_redirect(client, token, last_seq, skip_sync).await? {
             Ok(logged_in) => return Ok(logged_in),
             Err(redirect) => {

@@ -678,7 +678,7 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        assert_eq!(config.listen.port(), 20_002);
+        assert_eq!(config.listen.addr().map(|a| a.port()), Some(20_002));
         assert_eq!(config.http_listen.port(), 21_002);
         assert_eq!(config.data_dir, dir.path().join("data"));
         let cluster = config.cluster.unwrap();

@@ -197,7 +197,11 @@ impl FerryServer {
         let started = spawn_listening(cmd, "ferry listening:", "ferry serve")
             .await
             .with_context(|| format!("server log: {}", tail(&log_path, 20)))?;
-        let clients = addr_word(&started.words, "clients")?;
+        // With a TLS port (--tls-listen), the harness dials that one.
+        let clients = match started.words.get("tls") {
+            Some(_) => addr_word(&started.words, "tls")?,
+            None => addr_word(&started.words, "clients")?,
+        };
         let ops = addr_word(&started.words, "ops")?;
         Ok((started.child, started.pid, clients, ops))
     }
@@ -243,6 +247,35 @@ impl FerryServer {
     pub async fn stop(&mut self) {
         stop_child(&mut self.child, self.pid, Duration::from_secs(15)).await;
     }
+}
+
+/// A throwaway CA and a server certificate it signs for `localhost` and
+/// `127.0.0.1` (rcgen, made now; the key never leaves the temp dir):
+/// the directory, the CA's PEM for the clients, and the server flags.
+pub fn throwaway_tls() -> anyhow::Result<(tempfile::TempDir, String, Vec<String>)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ferry-bench throwaway CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+    let leaf_key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+        .signed_by(&leaf_key, &ca)?;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-bench-tls-")
+        .tempdir()
+        .context("creating the certificate's temporary directory")?;
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, leaf.pem())?;
+    std::fs::write(&key, leaf_key.serialize_pem())?;
+    let flags = vec![
+        "--tls-listen=127.0.0.1:0".to_owned(),
+        format!("--tls-cert={}", cert.display()),
+        format!("--tls-key={}", key.display()),
+    ];
+    Ok((dir, ca.pem(), flags))
 }
 
 /// The last `n` lines of a file, for error messages.

@@ -93,6 +93,17 @@ pub struct HarnessArgs {
     /// Each connection sends Ping after this many idle seconds.
     #[arg(long, value_name = "S", default_value_t = 25)]
     pub ping_secs: u64,
+    /// Connect with TLS. With --spawn the harness makes a throwaway CA and a
+    /// certificate for localhost/127.0.0.1 (rcgen) and starts the server with a
+    /// TLS port; with --server give --ca (and --server-name if needed).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls --server: PEM file of the CA(s) to trust.
+    #[arg(long, value_name = "PEM", requires = "tls")]
+    pub ca: Option<PathBuf>,
+    /// With --tls: the name to verify in the server's certificate [default: the host dialled].
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    pub server_name: Option<String>,
 }
 
 /// Server flags every spawned server gets unless `--server-arg` sets them.
@@ -116,6 +127,10 @@ pub struct Target {
     pub sampler: Sampler,
     /// Prefix of every user id of this run, so runs never share inboxes.
     pub run_id: String,
+    /// With --tls: what clients trust.
+    pub tls: Option<crate::clients::FleetTls>,
+    /// With --spawn --tls: the directory of the throwaway certificate.
+    _tls_dir: Option<tempfile::TempDir>,
 }
 
 impl Target {
@@ -125,12 +140,36 @@ impl Target {
         if let Some(n) = common.spawn_cluster {
             return Target::open_cluster(common, n, run_id).await;
         }
+        let mut tls = None;
+        let mut tls_dir = None;
+        if common.harness.tls && !common.spawn {
+            let path = common
+                .harness
+                .ca
+                .as_ref()
+                .context("--tls with --server needs --ca PEM")?;
+            let ca_pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the CA file {}", path.display()))?;
+            tls = Some(crate::clients::FleetTls {
+                ca_pem,
+                server_name: common.harness.server_name.clone(),
+            });
+        }
         let (addr, ops, secret, server, pid) = if common.spawn {
             let bin = match &common.ferry_bin {
                 Some(b) => b.clone(),
                 None => default_ferry_bin()?,
             };
-            let args = spawn_args(common);
+            let mut args = spawn_args(common);
+            if common.harness.tls {
+                let (dir, ca_pem, flags) = crate::spawn::throwaway_tls()?;
+                args.extend(flags);
+                tls = Some(crate::clients::FleetTls {
+                    ca_pem,
+                    server_name: common.harness.server_name.clone(),
+                });
+                tls_dir = Some(dir);
+            }
             let server = FerryServer::spawn(&bin, common.work_dir.as_deref(), &args).await?;
             eprintln!(
                 "spawned ferry (pid {}) on {}, data in {}",
@@ -170,6 +209,9 @@ impl Target {
             bail!("give --spawn, --spawn-cluster N or --server HOST:PORT");
         };
         check_source_ips(common, addr)?;
+        if let Some(tls) = &tls {
+            crate::clients::use_tls(tls)?;
+        }
         let sampler = Sampler::start(Watched {
             server: pid,
             harness: vec![std::process::id()],
@@ -182,11 +224,17 @@ impl Target {
             cluster: None,
             sampler,
             run_id,
+            tls,
+            _tls_dir: tls_dir,
         })
     }
 
     /// `--spawn-cluster n`: nsqd and n nodes, every one watched.
     async fn open_cluster(common: &CommonArgs, n: u16, run_id: String) -> anyhow::Result<Target> {
+        anyhow::ensure!(
+            !common.harness.tls,
+            "--tls is not supported with --spawn-cluster (use --spawn or --server)"
+        );
         let bin = match &common.ferry_bin {
             Some(b) => b.clone(),
             None => default_ferry_bin()?,
@@ -234,6 +282,8 @@ impl Target {
             cluster: Some(cluster),
             sampler,
             run_id,
+            tls: None,
+            _tls_dir: None,
         })
     }
 
@@ -260,6 +310,7 @@ impl Target {
     pub fn describe(&self) -> serde_json::Value {
         json!({
             "address": self.addr.to_string(),
+            "tls": self.tls.is_some(),
             "ops_address": self.ops.map(|a| a.to_string()),
             "spawned": self.spawned(),
             "server_pid": self.server.as_ref().map(|s| s.pid),
@@ -373,6 +424,7 @@ impl Target {
             source_ips: common.harness.source_ips,
             ramp_per_sec: common.harness.ramp / workers as f64,
             ping_secs: common.harness.ping_secs,
+            tls: self.tls.clone(),
         }
     }
 }

@@ -26,7 +26,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_protocol::client::{Client, ClientError, FrameReader, FrameWriter};
+use ferry_protocol::client::{
+    Client, ClientError, FrameReader, FrameWriter, TlsConnector, Transport,
+};
 use ferry_protocol::proto::{
     self, ConversationKind, EntryKind, GroupEventKind, frame::Body, group_request::Op as GroupOp,
 };
@@ -85,6 +87,37 @@ pub struct ChatArgs {
     /// Skip the login sync: show only entries that arrive from now on.
     #[arg(long)]
     pub skip_sync: bool,
+    /// Connect with TLS (to the server's --tls-listen port); needs --ca.
+    #[arg(long, env = "FERRY_TLS", requires = "ca")]
+    pub tls: bool,
+    /// With --tls: the PEM file of the CA(s) to trust.
+    #[arg(long, env = "FERRY_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// With --tls: the name to verify in the server's certificate (and
+    /// send as SNI) [default: the host of --server, and of each redirect].
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+}
+
+/// The transport `args` ask for: plain, or TLS trusting `--ca`.
+fn transport(args: &ChatArgs) -> Result<Transport, ChatError> {
+    if !args.tls {
+        if args.ca.is_some() || args.server_name.is_some() {
+            return Err(ChatError::Usage("--ca and --server-name need --tls".into()));
+        }
+        return Ok(Transport::Plain);
+    }
+    let path = args
+        .ca
+        .as_ref()
+        .ok_or_else(|| ChatError::Usage("--tls needs --ca".into()))?;
+    let pem = std::fs::read(path)
+        .map_err(|e| ChatError::Usage(format!("reading the CA file {}: {e}", path.display())))?;
+    let mut tls = TlsConnector::from_ca_pem(&pem)?;
+    if let Some(name) = &args.server_name {
+        tls = tls.with_server_name(name)?;
+    }
+    Ok(Transport::Tls(tls))
 }
 
 /// Why `ferry chat` stopped with an error.
@@ -176,7 +209,8 @@ pub async fn run(args: ChatArgs) -> Result<(), ChatError> {
         last_seq: args.last_seq,
         skip_sync,
     };
-    let login = match Client::connect_with_auth(args.server.as_str(), auth).await {
+    let transport = transport(&args)?;
+    let login = match Client::connect_with_auth_via(args.server.as_str(), auth, &transport).await {
         Ok(login) => login,
         Err(ClientError::Rejected(e)) => {
             return Err(ChatError::Refused {

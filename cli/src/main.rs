@@ -14,8 +14,12 @@ use ferry_gateway::auth::{
     SecretSource, TokenVerifier, load_or_create_admin_token, load_or_create_secret,
 };
 use ferry_gateway::config::{LogFormat, ServeArgs};
+use ferry_gateway::server::Listeners;
+use ferry_gateway::tls::TlsAcceptor;
 use ferry_gateway::{Server, rlimit, server};
-use tracing::{info, warn};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tracing::{error, info, warn};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -272,26 +276,74 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
-        let listener = server::bind_client_listener(config.listen)
-            .with_context(|| format!("binding the client listener on {}", config.listen))?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let bind = |addr: SocketAddr, what: &str| {
+            let listener = server::bind_client_listener(addr)
+                .with_context(|| format!("binding the {what} listener on {addr}"))?;
+            anyhow::Ok(tokio::net::TcpListener::from_std(listener)?)
+        };
+        let mut listeners = Listeners::default();
+        if let Some(addr) = config.listen.addr() {
+            listeners.plain = Some(bind(addr, "client")?);
+        }
+        if let Some(addr) = config.tls_listen.addr() {
+            // validate() made sure both files are configured.
+            let (cert, key) = (
+                config.tls_cert.clone().unwrap_or_default(),
+                config.tls_key.clone().unwrap_or_default(),
+            );
+            let tls = TlsAcceptor::load(&cert, &key).context("loading the TLS certificate")?;
+            listeners.tls = Some((bind(addr, "TLS client")?, Arc::new(tls)));
+        }
         let http = tokio::net::TcpListener::bind(config.http_listen)
             .await
             .with_context(|| format!("binding the ops listener on {}", config.http_listen))?;
         let router = ferry_gateway::open_router(&config)?;
-        let client_addr = listener.local_addr()?;
         let http_addr = http.local_addr()?;
         // Before the "listening" line: a script may signal as soon as it
         // reads it, and a signal that arrives before the handlers exist is lost.
         let shutdown = shutdown_signal().context("installing signal handlers")?;
+        if let Some((_, tls)) = &listeners.tls {
+            reload_on_sighup(tls.clone()).context("installing the SIGHUP handler")?;
+        }
+        let client_addr = match &listeners.plain {
+            Some(l) => l.local_addr()?.to_string(),
+            None => "off".to_owned(),
+        };
+        let tls_addr = match &listeners.tls {
+            Some((l, _)) => format!(" tls={}", l.local_addr()?),
+            None => String::new(),
+        };
         // Tests and scripts read this line to learn the ports (with port 0).
-        println!("ferry listening: clients={client_addr} ops=http://{http_addr}");
-        info!(%client_addr, %http_addr, data_dir = %config.data_dir.display(), "ferry started");
+        println!("ferry listening: clients={client_addr} ops=http://{http_addr}{tls_addr}");
+        info!(%client_addr, tls = %tls_addr.trim(), %http_addr, data_dir = %config.data_dir.display(), "ferry started");
         let tokens = config.token_verifier(&secret);
         let server = Server::new(config, router, tokens).with_admin_token(&admin_token);
-        server.run(listener, http, shutdown).await;
+        server.run_on(listeners, http, shutdown).await;
         anyhow::Ok(())
     })?;
+    Ok(())
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP: new handshakes get
+/// the new certificate, open connections keep theirs. A failed reload is
+/// logged and keeps the old certificate.
+fn reload_on_sighup(tls: Arc<TlsAcceptor>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => {
+                    ferry_gateway::metrics::tls_cert_reloaded(true);
+                    info!(cert = %tls.cert_path().display(), "SIGHUP: TLS certificate reloaded");
+                }
+                Err(e) => {
+                    ferry_gateway::metrics::tls_cert_reloaded(false);
+                    error!(error = %e, "SIGHUP: TLS certificate reload failed; keeping the old one");
+                }
+            }
+        }
+    });
     Ok(())
 }
 

@@ -103,7 +103,7 @@ pub(crate) struct AdminState {
 
 /// The admin routes, to nest under `/admin`.
 pub(crate) fn routes(state: AdminState) -> axum::Router {
-    let body_limit = (state.shared.config.max_frame_bytes as usize * 2).max(64 * 1024);
+    let body_limit = state.shared.config.admin_body_limit();
     axum::Router::new()
         .route("/groups", post(create_group))
         .route("/groups/{id}", get(get_group).delete(dissolve_group))
@@ -130,7 +130,33 @@ pub(crate) fn routes(state: AdminState) -> axum::Router {
             require_token,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        // Outermost: every reader of the body (the extractors, and the
+        // cluster forwarding that buffers a group create) sees at most
+        // `body_limit` bytes; a larger declared length is refused unread.
+        .layer(axum::middleware::from_fn_with_state(body_limit, cap_body))
         .with_state(state)
+}
+
+/// Refuses a body declared larger than `limit` with 413 before reading it,
+/// and caps what any later reader can take from the rest at `limit`.
+async fn cap_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        m::admin_request(413);
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body larger than {limit} bytes"),
+        )
+        .into_response();
+    }
+    let request =
+        request.map(|body| axum::body::Body::new(http_body_util::Limited::new(body, limit)));
+    next.run(request).await
 }
 
 // ------------------------------------------------------------------ errors

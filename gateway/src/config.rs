@@ -36,11 +36,74 @@ pub enum LogFormat {
     Json,
 }
 
+/// A listen address that may be off: `""` (in the file, a flag or the
+/// environment) turns the listener off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl ListenAddr {
+    /// Listening on `addr`.
+    pub fn on(addr: SocketAddr) -> ListenAddr {
+        ListenAddr(Some(addr))
+    }
+
+    /// The address, if the listener is on.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.0
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(text: &str) -> Result<ListenAddr, Self::Err> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(ListenAddr(None));
+        }
+        text.parse().map(|a| ListenAddr(Some(a)))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ListenAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e} (\"\" turns it off)")))
+    }
+}
+
 /// The effective configuration of `ferry serve`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
-    /// Client (TCP, framed Protobuf) listen address.
-    pub listen: SocketAddr,
+    /// Client (TCP, framed Protobuf) listen address; off (`""`) for a
+    /// TLS-only node.
+    pub listen: ListenAddr,
+    /// Client listen address of the same protocol inside TLS; off (`""`,
+    /// the default) for none. Needs `tls_cert` and `tls_key`.
+    pub tls_listen: ListenAddr,
+    /// PEM certificate chain of the TLS port, leaf first (reloaded on SIGHUP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS port (PKCS#8, PKCS#1 or SEC1; reloaded on
+    /// SIGHUP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     /// Ops HTTP listen address (/healthz, /readyz, /metrics, admin API).
     /// Loopback by default: the admin API must not face the network.
     pub http_listen: SocketAddr,
@@ -69,6 +132,25 @@ pub struct Config {
     /// more are refused with TOO_MANY_CONNECTIONS, so unauthenticated
     /// sockets can never take every slot.
     pub max_pending_auth: u32,
+    /// Connections one source address (an IPv6 /64) may hold; more get
+    /// TOO_MANY_CONNECTIONS. 0: no limit.
+    pub max_connections_per_ip: u32,
+    /// New connections one source address may open per second; more get
+    /// RATE_LIMITED. 0: no limit.
+    pub max_connects_per_sec_per_ip: u32,
+    /// Failed logins one source address may make per minute; then its new
+    /// connections get RATE_LIMITED until the minute ends. 0: no limit.
+    pub max_auth_failures_per_min_per_ip: u32,
+    /// Apply the per-address limits to loopback clients too (off: a proxy
+    /// or the bench on this host is not limited).
+    pub limit_loopback: bool,
+    /// Seconds a begun frame may take to arrive whole; then FRAME_TIMEOUT
+    /// and a close (a client trickling a frame's body, "slowloris").
+    pub frame_read_timeout_secs: u32,
+    /// Largest admin API request body; more gets 413. Unset: twice
+    /// `max_frame_bytes` (at least 64 KiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_max_body_bytes: Option<u32>,
     /// HS256 secret for client JWTs. When unset, `<data_dir>/jwt.secret`
     /// is used (and created on first start).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -113,7 +195,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: "0.0.0.0:7600".parse().expect("valid literal"),
+            listen: ListenAddr::on("0.0.0.0:7600".parse().expect("valid literal")),
+            tls_listen: ListenAddr(None),
+            tls_cert: None,
+            tls_key: None,
             http_listen: "127.0.0.1:7601".parse().expect("valid literal"),
             data_dir: PathBuf::from("./data"),
             heartbeat_secs: 30,
@@ -125,6 +210,12 @@ impl Default for Config {
             write_queue_bytes: 1024 * 1024,
             write_timeout_secs: 10,
             max_pending_auth: 1024,
+            max_connections_per_ip: 1000,
+            max_connects_per_sec_per_ip: 100,
+            max_auth_failures_per_min_per_ip: 60,
+            limit_loopback: false,
+            frame_read_timeout_secs: 30,
+            admin_max_body_bytes: None,
             jwt_secret: None,
             jwt_kid: None,
             jwt_previous_secret: None,
@@ -156,9 +247,18 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub print_config: bool,
-    /// Client listen address [default: 0.0.0.0:7600].
+    /// Client listen address; "" turns the plaintext port off (a TLS-only node) [default: 0.0.0.0:7600].
     #[arg(long, env = "FERRY_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<ListenAddr>,
+    /// TLS client listen address (same protocol inside TLS 1.2/1.3); needs --tls-cert and --tls-key [default: off].
+    #[arg(long, env = "FERRY_TLS_LISTEN")]
+    pub tls_listen: Option<ListenAddr>,
+    /// PEM certificate chain for the TLS port, leaf first; re-read on SIGHUP.
+    #[arg(long, env = "FERRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS port; re-read on SIGHUP.
+    #[arg(long, env = "FERRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Ops HTTP listen address [default: 127.0.0.1:7601].
     #[arg(long, env = "FERRY_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
@@ -192,6 +292,24 @@ pub struct ServeArgs {
     /// Connections between accept and a valid Auth at once; more → TOO_MANY_CONNECTIONS [default: 1024].
     #[arg(long, env = "FERRY_MAX_PENDING_AUTH")]
     pub max_pending_auth: Option<u32>,
+    /// Connections one source address (IPv6: its /64) may hold; more → TOO_MANY_CONNECTIONS; 0 = no limit [default: 1000].
+    #[arg(long, env = "FERRY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<u32>,
+    /// New connections per second one source address may open; more → RATE_LIMITED; 0 = no limit [default: 100].
+    #[arg(long, env = "FERRY_MAX_CONNECTS_PER_SEC_PER_IP")]
+    pub max_connects_per_sec_per_ip: Option<u32>,
+    /// Failed logins per minute one source address may make before its new connections get RATE_LIMITED for the rest of the minute; 0 = no limit [default: 60].
+    #[arg(long, env = "FERRY_MAX_AUTH_FAILURES_PER_MIN_PER_IP")]
+    pub max_auth_failures_per_min_per_ip: Option<u32>,
+    /// Apply the per-address limits to loopback (127.0.0.0/8, ::1) clients too [default: false].
+    #[arg(long, env = "FERRY_LIMIT_LOOPBACK", num_args = 0..=1, default_missing_value = "true")]
+    pub limit_loopback: Option<bool>,
+    /// Seconds a begun frame may take to arrive whole; then FRAME_TIMEOUT and close [default: 30].
+    #[arg(long, env = "FERRY_FRAME_READ_TIMEOUT_SECS")]
+    pub frame_read_timeout_secs: Option<u32>,
+    /// Largest admin API request body in bytes; more → 413 [default: 2 × max_frame_bytes, at least 65536].
+    #[arg(long, env = "FERRY_ADMIN_MAX_BODY_BYTES")]
+    pub admin_max_body_bytes: Option<u32>,
     /// HS256 secret for client tokens [default: <data-dir>/jwt.secret, created on first start].
     #[arg(long, env = "FERRY_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -588,6 +706,7 @@ impl ServeArgs {
             config,
             self,
             listen,
+            tls_listen,
             http_listen,
             data_dir,
             heartbeat_secs,
@@ -599,6 +718,11 @@ impl ServeArgs {
             write_queue_bytes,
             write_timeout_secs,
             max_pending_auth,
+            max_connections_per_ip,
+            max_connects_per_sec_per_ip,
+            max_auth_failures_per_min_per_ip,
+            limit_loopback,
+            frame_read_timeout_secs,
             shutdown_timeout_secs,
             durability,
             retention_days,
@@ -617,6 +741,15 @@ impl ServeArgs {
         }
         if self.jwt_previous_kid.is_some() {
             config.jwt_previous_kid = self.jwt_previous_kid.clone();
+        }
+        if self.tls_cert.is_some() {
+            config.tls_cert = self.tls_cert.clone();
+        }
+        if self.admin_max_body_bytes.is_some() {
+            config.admin_max_body_bytes = self.admin_max_body_bytes;
+        }
+        if self.tls_key.is_some() {
+            config.tls_key = self.tls_key.clone();
         }
         if self.admin_token.is_some() {
             config.admin_token = self.admin_token.clone();
@@ -653,6 +786,24 @@ impl Config {
             retention_days: self.retention_days,
             max_open_files: STORAGE_MAX_OPEN_FILES,
             ..Default::default()
+        }
+    }
+
+    /// The per-address limits.
+    pub fn ip_limits(&self) -> crate::ip_limits::IpLimitConfig {
+        crate::ip_limits::IpLimitConfig {
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connects_per_sec_per_ip: self.max_connects_per_sec_per_ip,
+            max_auth_failures_per_min_per_ip: self.max_auth_failures_per_min_per_ip,
+            limit_loopback: self.limit_loopback,
+        }
+    }
+
+    /// The admin API's request body cap.
+    pub fn admin_body_limit(&self) -> usize {
+        match self.admin_max_body_bytes {
+            Some(bytes) => bytes as usize,
+            None => (self.max_frame_bytes as usize * 2).max(64 * 1024),
         }
     }
 
@@ -721,6 +872,27 @@ impl Config {
                 Err(ConfigError::Invalid(what.to_owned()))
             }
         };
+        check(
+            self.listen.addr().is_some() || self.tls_listen.addr().is_some(),
+            "no client port: set listen, tls_listen or both",
+        )?;
+        if self.tls_listen.addr().is_some() {
+            check(
+                self.tls_cert.is_some() && self.tls_key.is_some(),
+                "tls_listen needs tls_cert and tls_key (PEM files)",
+            )?;
+            // Port 0 (any free port, as tests use) may appear on both.
+            check(
+                self.listen.addr() != self.tls_listen.addr()
+                    || self.tls_listen.addr().is_some_and(|a| a.port() == 0),
+                "listen and tls_listen must differ",
+            )?;
+        } else {
+            check(
+                self.tls_cert.is_none() && self.tls_key.is_none(),
+                "tls_cert and tls_key are set but tls_listen is not",
+            )?;
+        }
         check(self.heartbeat_secs >= 1, "heartbeat_secs must be ≥ 1")?;
         check(self.heartbeat_secs <= 3600, "heartbeat_secs must be ≤ 3600")?;
         check(self.auth_timeout_secs >= 1, "auth_timeout_secs must be ≥ 1")?;
@@ -756,6 +928,13 @@ impl Config {
             "write_timeout_secs must be ≥ 1",
         )?;
         check(self.max_pending_auth >= 1, "max_pending_auth must be ≥ 1")?;
+        check(
+            self.frame_read_timeout_secs >= 1,
+            "frame_read_timeout_secs must be ≥ 1",
+        )?;
+        if let Some(bytes) = self.admin_max_body_bytes {
+            check(bytes >= 4096, "admin_max_body_bytes must be ≥ 4096")?;
+        }
         check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
         check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
         if let Some(secret) = &self.jwt_previous_secret {
@@ -1122,6 +1301,52 @@ ops_address = "[fd00::2]:7601"
             "tcp://h:1",
         ] {
             assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_plain_port_can_be_turned_off_for_a_tls_only_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(
+            &path,
+            "listen = \"\"\ntls_listen = \"0.0.0.0:7643\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.listen.addr(), None);
+        assert_eq!(c.tls_listen.addr().unwrap().port(), 7643);
+        let text = c.to_toml();
+        assert!(text.contains("listen = \"\""), "{text}");
+        let back: ServeArgs = toml::from_str(&text).unwrap();
+        assert_eq!(back.listen, Some(ListenAddr(None)));
+        assert_eq!(back.tls_cert, Some(PathBuf::from("c.pem")));
+        // The flag form.
+        assert_eq!("".parse::<ListenAddr>().unwrap(), ListenAddr(None));
+        // Neither port, TLS without its files, files without TLS.
+        for args in [
+            ServeArgs {
+                listen: Some(ListenAddr(None)),
+                ..Default::default()
+            },
+            ServeArgs {
+                tls_listen: Some("127.0.0.1:7643".parse().unwrap()),
+                tls_cert: Some("c.pem".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                tls_key: Some("k.pem".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(args.resolve(), Err(ConfigError::Invalid(_))),
+                "{args:?}"
+            );
         }
     }
 

@@ -27,12 +27,21 @@
 //! answered with `Redirect` (that node's id and client address) and closed
 //! the same way as a refused one.
 //!
+//! On the TLS port the handshake comes first, and it shares the auth
+//! timeout with the `Auth` frame: one deadline from accept covers both.
+//! After the handshake the connection is the same code over the TLS
+//! stream's halves ([`ReadSide`]).
+//!
 //! Every server-initiated close sends its reason first, half-closes, and then
 //! reads and discards whatever the client still sends for a moment
 //! ("lingering close"): closing a socket with unread input makes the kernel
 //! send RST, which can destroy the very Error frame the client needs to see.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -41,14 +50,17 @@ use ferry_protocol::proto::{self, frame::Body};
 use ferry_protocol::{CodecError, ErrorCode, Frame, FrameCodec, LENGTH_PREFIX_BYTES};
 use ferry_router::session::{CloseReason, Conn, Outgoing, RequestSlot};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::auth::MAX_ID_BYTES;
+use crate::ip_limits::IpSlot;
 use crate::metrics as m;
 use crate::server::{PendingAuth, ServerState};
+use crate::tls::{HandshakeFailure, TLS_HANDSHAKE_RECORD, TlsAcceptor};
 
 /// Bytes read per read call when nothing larger is pending.
 const READ_CHUNK: usize = 4096;
@@ -66,18 +78,152 @@ const LINGER: Duration = Duration::from_millis(500);
 /// Most bytes a lingering close reads before giving up.
 const LINGER_MAX_BYTES: usize = 256 * 1024;
 
-/// Serves one accepted connection until it closes.
+/// The read half of a client connection, plain TCP or TLS.
+pub(crate) trait ReadSide: AsyncRead + Unpin + Send + 'static {
+    /// One read into `buf`, holding no buffer while it waits: idle
+    /// connections park here. `Ok(0)` is the end of the stream.
+    fn read_some(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send;
+}
+
+impl ReadSide for OwnedReadHalf {
+    async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        // Wait for readability without holding a buffer.
+        self.readable().await?;
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_CHUNK);
+        }
+        // `read_buf`, not `try_read_buf`: a read that comes back short proves
+        // the socket drained, and tokio then forgets the readiness, so the next
+        // `readable()` parks at once instead of costing a read that would block
+        // (one wasted syscall per frame on a busy connection).
+        self.read_buf(buf).await
+    }
+}
+
+/// The server side of a TLS connection.
+pub(crate) type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+impl ReadSide for ReadHalf<TlsStream> {
+    async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        // A TLS stream has no readiness of its own (rustls may hold
+        // decrypted bytes): poll it with a stack buffer, so that a parked
+        // read holds no heap buffer, and copy out what arrived.
+        std::future::poll_fn(|cx| {
+            let mut chunk = [0u8; TLS_READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut *self).poll_read(cx, &mut read))?;
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        })
+        .await
+    }
+}
+
+/// Plaintext bytes taken per poll of a TLS stream (one TLS record at most).
+const TLS_READ_CHUNK: usize = 16 * 1024;
+
+/// When the auth timeout of a connection accepted now runs out: the TLS
+/// handshake and the `Auth` frame must both be done by then.
+fn auth_deadline(shared: &ServerState) -> Instant {
+    Instant::now() + Duration::from_secs(shared.config.auth_timeout_secs as u64)
+}
+
+/// Serves one accepted plain TCP connection until it closes.
+pub(crate) async fn serve_plain(
+    shared: Arc<ServerState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    pending: PendingAuth,
+    ip_slot: IpSlot,
+) {
+    let deadline = auth_deadline(&shared);
+    let (read, write) = stream.into_split();
+    serve(shared, read, write, peer, pending, ip_slot, deadline).await;
+}
+
+/// Serves one accepted connection of the TLS port: the handshake (within
+/// the auth timeout), then the same as a plain one. A failed handshake is
+/// counted by reason and closes the socket.
+pub(crate) async fn serve_tls(
+    shared: Arc<ServerState>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    pending: PendingAuth,
+    ip_slot: IpSlot,
+    tls: Arc<TlsAcceptor>,
+) {
+    let deadline = auth_deadline(&shared);
+    // A plaintext ferry client starts with a length prefix (0x00 ...), never
+    // with a TLS record: tell it, in its own framing, what is wrong.
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    match peeked {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(1)) => {
+            m::tls_handshake_failed(HandshakeFailure::NotTls);
+            let (mut read, mut write) = stream.into_split();
+            let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
+            let frame = Frame::error(
+                ErrorCode::AuthRequired,
+                "this port speaks TLS: connect with TLS, or to the plaintext port",
+            );
+            let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
+            return;
+        }
+        Ok(_) => {
+            m::tls_handshake_failed(HandshakeFailure::Closed);
+            return;
+        }
+        Err(_elapsed) => {
+            m::tls_handshake_failed(HandshakeFailure::Timeout);
+            return;
+        }
+    }
+    let handshake = tls.acceptor().accept(stream);
+    let stream = tokio::select! {
+        r = tokio::time::timeout_at(deadline, handshake) => r,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let stream = match stream {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            m::tls_handshake_failed(HandshakeFailure::of(&e));
+            return;
+        }
+        Err(_elapsed) => {
+            m::tls_handshake_failed(HandshakeFailure::Timeout);
+            return;
+        }
+    };
+    let (read, write) = tokio::io::split(stream);
+    serve(shared, read, write, peer, pending, ip_slot, deadline).await;
+}
+
+/// Serves one connection (after its TLS handshake, if any) until it closes.
 ///
 /// Logs carry the connection's fields explicitly rather than through a
 /// span: a span lives as long as the connection and costs several hundred
 /// bytes per idle connection in the subscriber's registry.
-pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: PendingAuth) {
-    let peer = stream.peer_addr().ok();
+async fn serve<R: ReadSide, W: AsyncWrite + Unpin + Send + 'static>(
+    shared: Arc<ServerState>,
+    mut read: R,
+    mut write: W,
+    peer: SocketAddr,
+    pending: PendingAuth,
+    ip_slot: IpSlot,
+    deadline: Instant,
+) {
+    let peer = Some(peer);
     let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
-    let (mut read, mut write) = stream.into_split();
     let mut buf = BytesMut::new();
 
-    let auth = read_auth(&shared, &mut read, &mut buf).await;
+    let auth = read_auth(&shared, &mut read, &mut buf, deadline).await;
     // Authenticated or not, it no longer waits for auth.
     drop(pending);
     let auth = match auth {
@@ -88,6 +234,13 @@ pub(crate) async fn serve(shared: Arc<ServerState>, stream: TcpStream, pending: 
         }
         Err(AuthFailure::Reject(code, message)) => {
             m::rejected(code);
+            // Guessing tokens from one address is throttled (ip_limits).
+            if matches!(
+                code,
+                ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::BadAuth
+            ) {
+                shared.ip_limits.auth_failed(&ip_slot, shared.clock.now());
+            }
             info!(?peer, ?code, %message, "auth rejected");
             let frame = Frame::error(code, message);
             let _ = goodbye(&codec, &mut read, &mut write, &frame).await;
@@ -215,18 +368,20 @@ enum AuthFailure {
     Reject(ErrorCode, String),
 }
 
-/// Reads and verifies the first frame, within the auth timeout. The frame
-/// may be at most [`MAX_AUTH_FRAME_BYTES`] (or the frame size, if smaller):
-/// a longer length prefix is refused before any of it is buffered.
-async fn read_auth(
+/// Reads and verifies the first frame, by `deadline` (the auth timeout from
+/// accept). The frame may be at most [`MAX_AUTH_FRAME_BYTES`] (or the frame
+/// size, if smaller): a longer length prefix is refused before any of it is
+/// buffered.
+async fn read_auth<R: ReadSide>(
     shared: &ServerState,
-    read: &mut OwnedReadHalf,
+    read: &mut R,
     buf: &mut BytesMut,
+    deadline: Instant,
 ) -> Result<AuthRequest, AuthFailure> {
     let codec = FrameCodec::new(MAX_AUTH_FRAME_BYTES.min(shared.config.max_frame_bytes as usize));
     let timeout = Duration::from_secs(shared.config.auth_timeout_secs as u64);
     let first = tokio::select! {
-        r = tokio::time::timeout(timeout, read_frame(&codec, read, buf)) => r,
+        r = tokio::time::timeout_at(deadline, read_frame(&codec, read, buf)) => r,
         _ = shared.shutdown.cancelled() => {
             return Err(AuthFailure::Reject(ErrorCode::ShuttingDown, "server shutting down".into()));
         }
@@ -301,51 +456,41 @@ fn codec_error(e: CodecError) -> ReadError {
 }
 
 /// Reads until one whole frame is buffered and decodes it.
-async fn read_frame(
+async fn read_frame<R: ReadSide>(
     codec: &FrameCodec,
-    read: &mut OwnedReadHalf,
+    read: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Frame, ReadError> {
     loop {
         if let Some(raw) = codec.decode_raw(buf).map_err(codec_error)? {
             return Frame::decode(raw).map_err(|e| codec_error(e.into()));
         }
-        match read_some(read, buf).await {
+        match read.read_some(buf).await {
             Ok(0) | Err(_) => return Err(ReadError::Gone),
             Ok(_) => {}
         }
     }
 }
 
-/// One read into `buf`, growing it by a chunk only when it is full.
-async fn read_some(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
-    // Wait for readability without holding a buffer: idle connections park here.
-    read.readable().await?;
-    if buf.capacity() == buf.len() {
-        buf.reserve(READ_CHUNK);
-    }
-    // `read_buf`, not `try_read_buf`: a read that comes back short proves
-    // the socket drained, and tokio then forgets the readiness, so the next
-    // `readable()` parks at once instead of costing a read that would block
-    // (one wasted syscall per frame on a busy connection).
-    read.read_buf(buf).await
-}
-
 type CloseWith = (ErrorCode, String);
 
 /// Reads frames until the peer leaves, the connection is closed elsewhere,
 /// or the client breaks a rule (returned as the code to close with).
-async fn read_loop(
+async fn read_loop<R: ReadSide>(
     shared: &ServerState,
     conn: &Arc<Conn>,
     codec: &FrameCodec,
-    read: &mut OwnedReadHalf,
+    read: &mut R,
     mut buf: BytesMut,
 ) -> Result<(), CloseWith> {
     let max_per_sec = shared.config.max_frames_per_sec;
     let mut window = shared.clock.now();
     let mut frames_in_window = 0u32;
+    let frame_timeout = Duration::from_secs(shared.config.frame_read_timeout_secs as u64);
+    // When the frame now partly buffered must be complete (slowloris bound).
+    let mut frame_deadline: Option<Instant> = None;
     loop {
+        let mut decoded = false;
         // Frames already buffered (the auth read may have over-read).
         loop {
             let raw = match codec.decode_raw(&mut buf) {
@@ -369,6 +514,7 @@ async fn read_loop(
                     format!("more than {max_per_sec} frames per second"),
                 ));
             }
+            decoded = true;
             let raw_len = raw.len();
             m::bytes_in(raw_len + LENGTH_PREFIX_BYTES);
             let frame = Frame::decode(raw)
@@ -397,14 +543,35 @@ async fn read_loop(
         if buf.is_empty() {
             // Give the allocation back: idle connections hold no read buffer.
             buf = BytesMut::new();
+            frame_deadline = None;
+        } else if decoded || frame_deadline.is_none() {
+            // A new frame has begun: it gets the whole timeout.
+            frame_deadline = Some(Instant::now() + frame_timeout);
         }
+        // Boxed: inline, the timer would grow every idle connection's task.
+        let frame_timer = async {
+            match frame_deadline {
+                Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = conn.cancelled().cancelled() => return Ok(()),
-            r = read_some(read, &mut buf) => match r {
+            r = read.read_some(&mut buf) => match r {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => {}
             },
+            _ = frame_timer => {
+                m::frame_timeout();
+                return Err((
+                    ErrorCode::FrameTimeout,
+                    format!(
+                        "a frame begun was not complete within {} s",
+                        frame_timeout.as_secs()
+                    ),
+                ));
+            }
         }
     }
 }
@@ -487,12 +654,12 @@ fn dispatch<'a>(
 /// until the connection closes. Returns the write half (for the lingering
 /// close) and why it closed. A write that makes no progress for
 /// `write_timeout` drops the connection.
-async fn write_loop(
+async fn write_loop<W: AsyncWrite + Unpin>(
     conn: Arc<Conn>,
     codec: FrameCodec,
-    mut write: OwnedWriteHalf,
+    mut write: W,
     write_timeout: Duration,
-) -> Option<(OwnedWriteHalf, CloseReason)> {
+) -> Option<(W, CloseReason)> {
     let mut out = BytesMut::new();
     loop {
         let drained = conn.drain(WRITE_CHUNK).await;
@@ -557,7 +724,8 @@ async fn write_loop(
             }
         }
         if let Some(reason) = closing {
-            let _ = write.shutdown().await;
+            // On TLS this writes close_notify: bounded like any write.
+            let _ = tokio::time::timeout(write_timeout, write.shutdown()).await;
             return Some((write, reason));
         }
         if conn.queued() == 0 {
@@ -568,9 +736,11 @@ async fn write_loop(
 
 /// Writes all of `buf`, failing only when one write call makes no progress
 /// for `timeout` (or the socket fails): a slow link that keeps moving is
-/// never cut, however long the whole buffer takes.
-async fn write_with_progress(
-    write: &mut OwnedWriteHalf,
+/// never cut, however long the whole buffer takes. Then flushes (a no-op
+/// on TCP; on TLS it pushes out the records rustls still holds, at most its
+/// buffer limit, under the same timeout).
+async fn write_with_progress<W: AsyncWrite + Unpin>(
+    write: &mut W,
     mut buf: &[u8],
     timeout: Duration,
 ) -> std::io::Result<()> {
@@ -582,40 +752,48 @@ async fn write_with_progress(
             Err(_elapsed) => return Err(std::io::ErrorKind::TimedOut.into()),
         }
     }
-    Ok(())
+    match tokio::time::timeout(timeout, write.flush()).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 /// Sends one frame directly (pre-auth), then closes gracefully.
-async fn goodbye(
+async fn goodbye<R: ReadSide, W: AsyncWrite + Unpin>(
     codec: &FrameCodec,
-    read: &mut OwnedReadHalf,
-    write: &mut OwnedWriteHalf,
+    read: &mut R,
+    write: &mut W,
     frame: &Frame,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     if codec.encode_frame(frame, &mut out).is_ok() {
-        tokio::time::timeout(GOODBYE_TIMEOUT, write.write_all(&out))
-            .await
-            .map_err(|_| std::io::ErrorKind::TimedOut)??;
+        tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            write.write_all(&out).await?;
+            write.flush().await
+        })
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
     }
-    write.shutdown().await?;
+    tokio::time::timeout(GOODBYE_TIMEOUT, write.shutdown())
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
     linger_read(read).await;
     Ok(())
 }
 
-async fn linger(mut read: OwnedReadHalf, write: OwnedWriteHalf) {
+async fn linger<R: ReadSide, W>(mut read: R, write: W) {
     linger_read(&mut read).await;
     drop(write);
 }
 
 /// Reads and discards input until EOF, a byte budget, or a short deadline.
-async fn linger_read(read: &mut OwnedReadHalf) {
+async fn linger_read<R: ReadSide>(read: &mut R) {
     let drain = async {
         let mut sink = BytesMut::new();
         let mut total = 0;
         loop {
             sink.clear();
-            match read_some(read, &mut sink).await {
+            match read.read_some(&mut sink).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     total += n;

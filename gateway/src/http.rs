@@ -10,6 +10,7 @@
 //! One listener for all of it, loopback by default: the admin API must not
 //! be reachable from the client network.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
@@ -132,11 +133,12 @@ async fn route(
             node.map(|n| n.ops_address.clone()).unwrap_or_default(),
         )
     } else {
-        let (client, ops) = shared
-            .bound
-            .get()
-            .copied()
-            .unwrap_or((shared.config.listen, shared.config.http_listen));
+        let (client, ops) = shared.bound.get().copied().unwrap_or_else(|| {
+            let client = (shared.config.listen.addr())
+                .or(shared.config.tls_listen.addr())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            (client, shared.config.http_listen)
+        });
         (
             shared.router.node_id().to_owned(),
             client.to_string(),

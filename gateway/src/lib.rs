@@ -4,10 +4,14 @@
 //!   graceful shutdown.
 //! - `connection`: one connection's auth handshake, read loop, writer task
 //!   and lingering close.
+//! - [`tls`]: the TLS port's rustls configuration and its certificate
+//!   reload.
 //! - [`wheel`]: the hashed timing wheel behind the heartbeat.
 //! - [`auth`]: JWT verification and the secret's source (the `ferry-auth`
 //!   crate, re-exported).
 //! - [`config`]: defaults < TOML file < environment < flags.
+//! - [`ip_limits`]: connections, connects per second and failed logins
+//!   per source address.
 //! - [`rlimit`]: the open-file limit.
 //! - `http`: the ops HTTP port: health, readiness, `/metrics`, and the
 //!   [`admin`] API.
@@ -25,10 +29,12 @@ pub mod backup_files;
 pub mod config;
 mod connection;
 mod http;
+pub mod ip_limits;
 pub mod metrics;
 pub mod presence;
 pub mod rlimit;
 pub mod server;
+pub mod tls;
 pub mod wheel;
 
 pub use ferry_auth as auth;

@@ -27,6 +27,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::ip_limits::IpRefusal;
+use crate::tls::HandshakeFailure;
+
 /// Buckets (seconds) of the latency histograms (`ferry_commit_seconds`,
 /// `ferry_commit_apply_seconds`, `ferry_commit_sink_seconds`,
 /// `ferry_send_ack_seconds`): from 50 µs (applying a small batch to the
@@ -160,6 +163,24 @@ fn describe_all() {
         "Cluster mode: Auths answered with Redirect, by the user's home node"
     );
     describe_counter!(
+        "ferry_tls_handshake_failures_total",
+        "TLS port: connections closed before or during the TLS handshake, by reason \
+         (not_tls, timeout, alert, incompatible, protocol, closed)"
+    );
+    describe_counter!(
+        "ferry_ip_limit_refusals_total",
+        "Connections refused at accept by a per-address limit, by limit \
+         (connections_per_ip, connects_per_sec_per_ip, auth_failures_per_ip)"
+    );
+    describe_counter!(
+        "ferry_frame_timeouts_total",
+        "Connections closed because a begun frame did not arrive whole within frame_read_timeout_secs"
+    );
+    describe_counter!(
+        "ferry_tls_cert_reloads_total",
+        "TLS certificate reloads (SIGHUP), by result (ok, error)"
+    );
+    describe_counter!(
         "ferry_admin_requests_total",
         "Admin API requests, by HTTP status"
     );
@@ -253,6 +274,7 @@ const REJECT_CODES: &[ErrorCode] = &[
     ErrorCode::BadAuth,
     ErrorCode::TokenRevoked,
     ErrorCode::TooManyConnections,
+    ErrorCode::RateLimited,
     ErrorCode::ShuttingDown,
     ErrorCode::Unavailable,
 ];
@@ -263,6 +285,7 @@ const CLOSE_CODES: &[ErrorCode] = &[
     ErrorCode::RateLimited,
     ErrorCode::FrameTooLarge,
     ErrorCode::MalformedFrame,
+    ErrorCode::FrameTimeout,
     ErrorCode::LoggedInElsewhere,
     ErrorCode::Kicked,
     ErrorCode::TokenRevoked,
@@ -298,6 +321,8 @@ struct Handles {
     rss: Gauge,
     open_fds: Gauge,
     max_fds: Gauge,
+    tls_failures: Vec<Counter>,
+    ip_refusals: Vec<Counter>,
 }
 
 fn by_code(name: &'static str, label: &'static str, codes: &[ErrorCode]) -> Vec<Counter> {
@@ -341,6 +366,14 @@ static HANDLES: LazyLock<Handles> = LazyLock::new(|| {
         rss: gauge!("process_resident_memory_bytes"),
         open_fds: gauge!("process_open_fds"),
         max_fds: gauge!("process_max_fds"),
+        tls_failures: HandshakeFailure::ALL
+            .iter()
+            .map(|f| counter!("ferry_tls_handshake_failures_total", "reason" => f.label()))
+            .collect(),
+        ip_refusals: IpRefusal::ALL
+            .iter()
+            .map(|r| counter!("ferry_ip_limit_refusals_total", "limit" => r.label()))
+            .collect(),
     }
 });
 
@@ -467,6 +500,31 @@ pub fn connection_closed(reason: CloseReason) {
 /// `n` connections were closed for silence.
 pub fn heartbeat_timeouts(n: usize) {
     HANDLES.heartbeat_timeouts.increment(n as u64);
+}
+
+/// A TLS handshake failed (the connection was closed).
+pub fn tls_handshake_failed(failure: HandshakeFailure) {
+    if let Some(i) = HandshakeFailure::ALL.iter().position(|f| *f == failure) {
+        HANDLES.tls_failures[i].increment(1);
+    }
+}
+
+/// A connection was closed for a frame that did not arrive whole in time.
+pub fn frame_timeout() {
+    counter!("ferry_frame_timeouts_total").increment(1);
+}
+
+/// A connection was refused by a per-address limit.
+pub fn ip_refused(refusal: IpRefusal) {
+    if let Some(i) = IpRefusal::ALL.iter().position(|r| *r == refusal) {
+        HANDLES.ip_refusals[i].increment(1);
+    }
+}
+
+/// A certificate reload ended (`ok` false: the old certificate stays).
+pub fn tls_cert_reloaded(ok: bool) {
+    let result = if ok { "ok" } else { "error" };
+    counter!("ferry_tls_cert_reloads_total", "result" => result).increment(1);
 }
 
 /// One admin API request answered with `status`.

@@ -4,6 +4,8 @@
 //! [`Server::run`] takes bound listeners and a shutdown future, so tests bind
 //! port 0 and read the address back; the binary binds from the configuration
 //! with [`bind_client_listener`] (socket2: SO_REUSEADDR, a deep backlog).
+//! [`Server::run_on`] takes [`Listeners`]: a plain TCP port, a TLS port, or
+//! both, sharing one connection limit.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,7 +26,9 @@ use tracing::{info, warn};
 use crate::admin::AdminToken;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
+use crate::ip_limits::IpLimits;
 use crate::presence::LastSeen;
+use crate::tls::TlsAcceptor;
 use crate::wheel::{TimerKey, TimerWheel};
 use crate::{connection, http, metrics as m};
 
@@ -178,6 +182,8 @@ pub(crate) struct ServerState {
     pub pending_auth: Arc<Semaphore>,
     /// When users' connections last ended (admin presence).
     pub last_seen: LastSeen,
+    /// Connections, connects per second and failed logins per source address.
+    pub ip_limits: Arc<IpLimits>,
     /// The bound client and ops addresses, once [`Server::run`] has them
     /// (a single node's `/v1/route` answers with them).
     pub bound: std::sync::OnceLock<(SocketAddr, SocketAddr)>,
@@ -209,6 +215,36 @@ impl ServerState {
     }
 }
 
+/// The client ports of a node: plain TCP, TLS, or both (at least one).
+/// Both serve the same protocol and share the connection limits.
+#[derive(Default)]
+pub struct Listeners {
+    /// Plaintext frames.
+    pub plain: Option<TcpListener>,
+    /// TLS, then the same frames inside it.
+    pub tls: Option<(TcpListener, Arc<TlsAcceptor>)>,
+}
+
+impl Listeners {
+    /// Only a plain TCP port.
+    pub fn plain(listener: TcpListener) -> Listeners {
+        Listeners {
+            plain: Some(listener),
+            tls: None,
+        }
+    }
+
+    /// The address clients reach this node at: the plain port's, or the
+    /// TLS port's when there is no plain one.
+    fn client_addr(&self) -> Option<SocketAddr> {
+        match (&self.plain, &self.tls) {
+            (Some(l), _) => l.local_addr().ok(),
+            (None, Some((l, _))) => l.local_addr().ok(),
+            (None, None) => None,
+        }
+    }
+}
+
 /// A running ferry node.
 pub struct Server {
     shared: Arc<ServerState>,
@@ -230,6 +266,7 @@ impl Server {
             .map(|t| Arc::new(AdminToken::new(t.as_bytes())));
         let permits = Arc::new(Semaphore::new(config.max_connections as usize));
         let pending_auth = Arc::new(Semaphore::new(config.max_pending_auth as usize));
+        let ip_limits = IpLimits::new(config.ip_limits());
         Server {
             shared: Arc::new(ServerState {
                 config,
@@ -241,6 +278,7 @@ impl Server {
                 permits,
                 pending_auth,
                 last_seen: LastSeen::default(),
+                ip_limits,
                 bound: std::sync::OnceLock::new(),
             }),
             tracker: TaskTracker::new(),
@@ -270,12 +308,23 @@ impl Server {
         http: TcpListener,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
+        self.run_on(Listeners::plain(listener), http, shutdown)
+            .await
+    }
+
+    /// [`Server::run`] on a plain port, a TLS port, or both.
+    pub async fn run_on(
+        self,
+        listeners: Listeners,
+        http: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         let shared = self.shared.clone();
         let permits = shared.permits.clone();
         // Refusals get their own small budget so a flood cannot pile up tasks.
         let refusals = Arc::new(Semaphore::new(256));
 
-        if let (Ok(client), Ok(ops)) = (listener.local_addr(), http.local_addr()) {
+        if let (Some(client), Ok(ops)) = (listeners.client_addr(), http.local_addr()) {
             let _ = shared.bound.set((client, ops));
         }
         let heartbeat_task = tokio::spawn(heartbeat_loop(shared.clone()));
@@ -291,12 +340,27 @@ impl Server {
         let http_task = tokio::spawn(http::serve(http, shared.clone(), self.admin_token.clone()));
         let upkeep_task = tokio::spawn(m::upkeep_loop());
 
+        let plain = async {
+            match &listeners.plain {
+                Some(l) => accept_loop(&shared, &self.tracker, l, None, &permits, &refusals).await,
+                None => std::future::pending().await,
+            }
+        };
+        let tls = async {
+            match &listeners.tls {
+                Some((l, tls)) => {
+                    accept_loop(&shared, &self.tracker, l, Some(tls), &permits, &refusals).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = accept_loop(&shared, &self.tracker, &listener, permits, refusals) => {}
+            _ = plain => {}
+            _ = tls => {}
             _ = shutdown => {}
         }
         info!("shutting down: no longer accepting");
-        drop(listener);
+        drop(listeners);
         shared.shutdown.cancel();
         for conn in shared.router.sessions().all() {
             conn.kick(ErrorCode::ShuttingDown, "server shutting down");
@@ -320,16 +384,19 @@ impl Server {
     }
 }
 
+/// Accepts on one client port until it fails for good (never, in practice:
+/// errors back off and retry). `tls`: the port's TLS, if it is the TLS port.
 async fn accept_loop(
     shared: &Arc<ServerState>,
     tracker: &TaskTracker,
     listener: &TcpListener,
-    permits: Arc<Semaphore>,
-    refusals: Arc<Semaphore>,
+    tls: Option<&Arc<TlsAcceptor>>,
+    permits: &Arc<Semaphore>,
+    refusals: &Arc<Semaphore>,
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let (stream, _peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => {
                 backoff = Duration::from_millis(5);
                 accepted
@@ -344,6 +411,26 @@ async fn accept_loop(
             }
         };
         tune_socket(&stream);
+        // Per source address first: a flood from one address is refused
+        // before it can take places shared by everyone.
+        let ip_slot = match shared.ip_limits.admit(peer.ip(), shared.clock.now()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                m::ip_refused(refusal);
+                let (code, message) = refusal.error();
+                m::rejected(code);
+                spawn_refusal(
+                    shared,
+                    tracker,
+                    refusals,
+                    stream,
+                    tls.is_some(),
+                    code,
+                    message,
+                );
+                continue;
+            }
+        };
         // A connection needs a slot, and until it authenticates, one of the
         // places for pending auths too: sockets that never authenticate
         // cannot take the slots of users who do.
@@ -353,23 +440,35 @@ async fn accept_loop(
         });
         let Ok((permit, pending)) = acquired else {
             m::rejected(ErrorCode::TooManyConnections);
-            if let Ok(refusal) = refusals.clone().try_acquire_owned() {
-                let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
-                tracker.spawn(async move {
-                    refuse(stream, codec, ErrorCode::TooManyConnections).await;
-                    drop(refusal);
-                });
-            }
+            spawn_refusal(
+                shared,
+                tracker,
+                refusals,
+                stream,
+                tls.is_some(),
+                ErrorCode::TooManyConnections,
+                "server at its connection limit",
+            );
             continue;
         };
         m::accepted();
         let shared = shared.clone();
         let pending = PendingAuth::new(pending);
-        tracker.spawn(async move {
-            connection::serve(shared, stream, pending).await;
-            m::released();
-            drop(permit);
-        });
+        match tls {
+            None => tracker.spawn(async move {
+                connection::serve_plain(shared, stream, peer, pending, ip_slot).await;
+                m::released();
+                drop(permit);
+            }),
+            Some(tls) => {
+                let tls = tls.clone();
+                tracker.spawn(async move {
+                    connection::serve_tls(shared, stream, peer, pending, ip_slot, tls).await;
+                    m::released();
+                    drop(permit);
+                })
+            }
+        };
     }
 }
 
@@ -396,13 +495,34 @@ fn tune_socket(stream: &TcpStream) {
     let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT_BYTES);
 }
 
-async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode) {
+/// Answers a refused connection with `code` and closes it, within the
+/// refusals' own small budget (beyond it, or on the TLS port, which cannot
+/// say anything without a handshake a flood must not get: just closes).
+fn spawn_refusal(
+    shared: &ServerState,
+    tracker: &TaskTracker,
+    refusals: &Arc<Semaphore>,
+    stream: TcpStream,
+    is_tls: bool,
+    code: ErrorCode,
+    message: &'static str,
+) {
+    if is_tls {
+        return;
+    }
+    if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+        let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
+        tracker.spawn(async move {
+            refuse(stream, codec, code, message).await;
+            drop(refusal);
+        });
+    }
+}
+
+async fn refuse(mut stream: TcpStream, codec: FrameCodec, code: ErrorCode, message: &str) {
     let mut out = bytes::BytesMut::new();
     if codec
-        .encode_frame(
-            &Frame::error(code, "server at its connection limit"),
-            &mut out,
-        )
+        .encode_frame(&Frame::error(code, message), &mut out)
         .is_ok()
     {
         let write = async {
@@ -430,6 +550,9 @@ async fn heartbeat_loop(shared: Arc<ServerState>) {
     loop {
         ticks.tick().await;
         let now = shared.clock.update();
+        if now.is_multiple_of(10) {
+            shared.ip_limits.sweep(now);
+        }
         let expired = shared.heartbeat.advance(now);
         if expired > 0 {
             info!(expired, "closed silent connections");

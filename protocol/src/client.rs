@@ -7,9 +7,12 @@
 //! handshake of [`Client::connect_and_authenticate`], which follows a
 //! cluster's `Redirect`s (at most [`MAX_REDIRECTS`] in a row), as
 //! `docs/PROTOCOL.md` section 4.7 says a client does.
+//!
+//! With the `tls` feature a connection can be TLS ([`Transport::Tls`], a
+//! [`TlsConnector`] trusting the given CA): the frames are the same inside.
 
 use futures::{SinkExt, StreamExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -42,7 +45,117 @@ pub enum ClientError {
     /// configuration is inconsistent. Carries the last one.
     #[error("more than {MAX_REDIRECTS} redirects in a row (last: node {} at {})", .0.node_id, .0.address)]
     TooManyRedirects(proto::Redirect),
+    /// TLS could not be set up (a bad CA file or server name) or its
+    /// handshake failed (e.g. the certificate is not trusted).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
+
+/// How a client reaches the server.
+#[derive(Clone, Default)]
+pub enum Transport {
+    /// Plaintext TCP.
+    #[default]
+    Plain,
+    /// TLS over TCP.
+    #[cfg(feature = "tls")]
+    Tls(TlsConnector),
+}
+
+#[cfg(feature = "tls")]
+pub use tls::TlsConnector;
+
+#[cfg(feature = "tls")]
+mod tls {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::net::TcpStream;
+
+    use super::ClientError;
+
+    /// Connects with TLS 1.2 or 1.3 (rustls, the `ring` provider), trusting
+    /// only the given CA certificates.
+    #[derive(Clone)]
+    pub struct TlsConnector {
+        inner: tokio_rustls::TlsConnector,
+        server_name: Option<ServerName<'static>>,
+    }
+
+    impl TlsConnector {
+        /// Trusts the CA certificates in `pem` (one or more `CERTIFICATE`
+        /// blocks). The name verified is the host of the address dialled,
+        /// unless [`TlsConnector::with_server_name`] fixes one.
+        pub fn from_ca_pem(pem: &[u8]) -> Result<TlsConnector, ClientError> {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| ClientError::Tls(format!("CA file: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientError::Tls(format!("CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(ClientError::Tls("CA file: no CERTIFICATE block".into()));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| ClientError::Tls(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Ok(TlsConnector {
+                inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
+                server_name: None,
+            })
+        }
+
+        /// Verifies (and sends as SNI) `name` whatever address is dialled.
+        pub fn with_server_name(mut self, name: &str) -> Result<TlsConnector, ClientError> {
+            let name = ServerName::try_from(name.to_owned())
+                .map_err(|e| ClientError::Tls(format!("server name `{name}`: {e}")))?;
+            self.server_name = Some(name);
+            Ok(self)
+        }
+
+        /// The TLS handshake over `stream`, connected to `addr`
+        /// (`host:port`, whose host is the name verified unless one is fixed).
+        pub async fn handshake(
+            &self,
+            stream: TcpStream,
+            addr: &str,
+        ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+            let name = match &self.server_name {
+                Some(name) => name.clone(),
+                None => {
+                    let host = super::host_of(addr);
+                    ServerName::try_from(host.to_owned()).map_err(|e| {
+                        ClientError::Tls(format!("server name `{host}` of `{addr}`: {e}"))
+                    })?
+                }
+            };
+            self.inner
+                .connect(name, stream)
+                .await
+                .map_err(|e| ClientError::Tls(format!("handshake with {addr}: {e}")))
+        }
+    }
+}
+
+/// The host of `host:port` (`[v6]:port` gives `v6`); the whole string if
+/// there is no port.
+pub fn host_of(addr: &str) -> &str {
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => addr,
+    };
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Most `Redirect`s followed in a row before giving up (docs/PROTOCOL.md
 /// section 4.7); a client then falls back to its reconnect backoff.
@@ -72,12 +185,12 @@ impl ClientError {
 
 /// The receiving half of a connection.
 pub struct FrameReader {
-    inner: FramedRead<OwnedReadHalf, FrameCodec>,
+    inner: FramedRead<BoxRead, FrameCodec>,
 }
 
 /// The sending half of a connection.
 pub struct FrameWriter {
-    inner: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    inner: FramedWrite<BoxWrite, FrameCodec>,
 }
 
 /// One connection to a ferry server.
@@ -141,11 +254,55 @@ impl Client {
         Ok(Client::from_stream(stream, FrameCodec::default()))
     }
 
+    /// Connects to `addr` (`host:port`) over `transport`, with the default
+    /// maximum frame size.
+    pub async fn connect_via(addr: &str, transport: &Transport) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(ClientError::Connect)?;
+        Client::over(stream, addr, transport, FrameCodec::default()).await
+    }
+
+    /// A client over an already connected `stream` to `addr`: as is, or
+    /// after the TLS handshake.
+    pub async fn over(
+        stream: TcpStream,
+        addr: &str,
+        transport: &Transport,
+        codec: FrameCodec,
+    ) -> Result<Client, ClientError> {
+        match transport {
+            Transport::Plain => {
+                let _ = addr;
+                Ok(Client::from_stream(stream, codec))
+            }
+            #[cfg(feature = "tls")]
+            Transport::Tls(tls) => {
+                let _ = stream.set_nodelay(true);
+                let stream = tls.handshake(stream, addr).await?;
+                Ok(Client::from_io(stream, codec))
+            }
+        }
+    }
+
     /// Wraps an already connected stream.
     pub fn from_stream(stream: TcpStream, codec: FrameCodec) -> Client {
         // Frames are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
+        Client::from_halves(Box::new(read), Box::new(write), codec)
+    }
+
+    /// Wraps any connected byte stream (e.g. a TLS stream).
+    pub fn from_io<S>(io: S, codec: FrameCodec) -> Client
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read, write) = tokio::io::split(io);
+        Client::from_halves(Box::new(read), Box::new(write), codec)
+    }
+
+    fn from_halves(read: BoxRead, write: BoxWrite, codec: FrameCodec) -> Client {
         Client {
             reader: FrameReader {
                 inner: FramedRead::new(read, codec),
@@ -202,10 +359,20 @@ impl Client {
     /// [`Client::connect_and_authenticate`] with a whole `Auth` (e.g. with
     /// `skip_sync`).
     pub async fn connect_with_auth(addr: &str, auth: proto::Auth) -> Result<Login, ClientError> {
+        Client::connect_with_auth_via(addr, auth, &Transport::Plain).await
+    }
+
+    /// [`Client::connect_with_auth`] over `transport`: with TLS, every
+    /// redirect target is dialled with TLS too (its host name verified).
+    pub async fn connect_with_auth_via(
+        addr: &str,
+        auth: proto::Auth,
+        transport: &Transport,
+    ) -> Result<Login, ClientError> {
         let mut address = addr.to_owned();
         let mut redirects = 0;
         loop {
-            let mut client = Client::connect(address.as_str()).await?;
+            let mut client = Client::connect_via(address.as_str(), transport).await?;
             match client.send_auth(auth.clone()).await {
                 Ok(auth_ok) => {
                     return Ok(Login {
@@ -278,5 +445,16 @@ fn auth_frame(token: &str, device_id: &str, last_seq: u64) -> proto::Auth {
         protocol_version: crate::PROTOCOL_VERSION as i32,
         last_seq,
         skip_sync: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_of_strips_the_port_and_brackets() {
+        assert_eq!(super::host_of("chat.example.com:7643"), "chat.example.com");
+        assert_eq!(super::host_of("[::1]:7643"), "::1");
+        assert_eq!(super::host_of("10.0.0.1:1"), "10.0.0.1");
+        assert_eq!(super::host_of("localhost"), "localhost");
     }
 }

@@ -3,6 +3,7 @@
 //! TCP clients, and assertions on the exact frames a client receives.
 
 pub mod cluster;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,7 +76,8 @@ impl TestServer {
 
     /// Starts a server with exactly `config`, keeping `dir` alive.
     pub async fn start_in(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
-        let listener = TcpListener::bind(config.listen).await.expect("bind");
+        let listen = config.listen.addr().expect("a plain client port");
+        let listener = TcpListener::bind(listen).await.expect("bind");
         let http = TcpListener::bind(config.http_listen)
             .await
             .expect("bind http");
@@ -251,10 +253,12 @@ pub fn ferry_binary() -> PathBuf {
 pub struct ServerProcess {
     /// The child.
     pub child: tokio::process::Child,
-    /// Client address.
+    /// Client address (the TLS port's when the plain port is off).
     pub addr: SocketAddr,
     /// Ops HTTP address.
     pub http: SocketAddr,
+    /// The TLS client port, if the node has one (`--tls-listen`).
+    pub tls: Option<SocketAddr>,
 }
 
 impl ServerProcess {
@@ -293,18 +297,27 @@ impl ServerProcess {
             .await
             .expect("read stdout")
             .expect("ferry exited before listening");
-        // "ferry listening: clients=127.0.0.1:X ops=http://127.0.0.1:Y"
-        let field = |name: &str| -> SocketAddr {
-            let start = line.find(name).expect("field in listening line") + name.len();
+        // "ferry listening: clients=127.0.0.1:X ops=http://127.0.0.1:Y[ tls=127.0.0.1:Z]"
+        // (clients=off without a plain port)
+        let field = |name: &str| -> Option<SocketAddr> {
+            let start = line.find(name)? + name.len();
             let rest = &line[start..];
             let end = rest.find(' ').unwrap_or(rest.len());
-            rest[..end].parse().expect("address")
+            rest[..end].parse().ok()
         };
-        let addr = field("clients=");
-        let http = field("ops=http://");
+        let tls = field(" tls=");
+        let addr = field("clients=")
+            .or(tls)
+            .expect("a client address in the listening line");
+        let http = field("ops=http://").expect("ops address in the listening line");
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServerProcess { child, addr, http }
+        ServerProcess {
+            child,
+            addr,
+            http,
+            tls,
+        }
     }
 
     /// Sends a signal to the child.
