@@ -302,9 +302,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Before the "listening" line: a script may signal as soon as it
         // reads it, and a signal that arrives before the handlers exist is lost.
         let shutdown = shutdown_signal().context("installing signal handlers")?;
-        if let Some((_, tls)) = &listeners.tls {
-            reload_on_sighup(tls.clone()).context("installing the SIGHUP handler")?;
-        }
+        // Always: SIGHUP's default action would end the process.
+        reload_on_sighup(listeners.tls.as_ref().map(|(_, tls)| tls.clone()))
+            .context("installing the SIGHUP handler")?;
         let client_addr = match &listeners.plain {
             Some(l) => l.local_addr()?.to_string(),
             None => "off".to_owned(),
@@ -326,12 +326,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// Reloads the TLS certificate and key on every SIGHUP: new handshakes get
 /// the new certificate, open connections keep theirs. A failed reload is
-/// logged and keeps the old certificate.
-fn reload_on_sighup(tls: Arc<TlsAcceptor>) -> std::io::Result<()> {
+/// logged and keeps the old certificate. Without TLS, SIGHUP is ignored.
+fn reload_on_sighup(tls: Option<Arc<TlsAcceptor>>) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                info!("SIGHUP: no TLS port, nothing to reload");
+                continue;
+            };
             match tls.reload() {
                 Ok(()) => {
                     ferry_gateway::metrics::tls_cert_reloaded(true);
