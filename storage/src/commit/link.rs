@@ -350,7 +350,10 @@ fn split_items(items: RemoteItems) -> Vec<(Vec<bus::MessageRow>, Vec<bus::Append
     let mut out = Vec::new();
     let (mut rows, mut appends, mut bytes) = (Vec::new(), Vec::new(), 0);
     // The rows of the op whose items are being read: rows come first, then
-    // that op's entries (`keep_op_remote`).
+    // that op's entries (`keep_op_remote`). An op without rows (inline
+    // entries only) leaves the previous op's rows here, and a split among
+    // its entries repeats them: harmless as long as every op that changes a
+    // row sends the row again (recall does), so a repeated row is current.
     let (mut op_rows, mut op_rows_bytes): (Vec<bus::MessageRow>, usize) = (Vec::new(), 0);
     let mut in_appends = false;
     for item in items.items {
