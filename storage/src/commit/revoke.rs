@@ -44,23 +44,10 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StorageOptions;
+    use crate::commit::tests::batch;
 
     fn worker() -> (tempfile::TempDir, Arc<Storage>, Worker) {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
-        let worker = Worker::new(storage.clone(), CommitOptions::default(), 0);
-        (dir, storage, worker)
-    }
-
-    fn batch(worker: &mut Worker, ops: Vec<Op>) -> Vec<Outcome> {
-        let mut state = BatchState::default();
-        let mut results: Vec<((), Outcome)> = ops
-            .into_iter()
-            .map(|op| ((), worker.apply(op, &mut state)))
-            .collect();
-        worker.commit(state, &mut results);
-        results.into_iter().map(|(_, o)| o).collect()
+        crate::commit::tests::worker(CommitOptions::default())
     }
 
     fn revoke(user: &str, device: Option<&str>, issued_before: u64) -> Op {

@@ -6,7 +6,7 @@ use crate::StorageOptions;
 
 /// A worker on a fresh database, driven batch by batch from the test
 /// thread (no committer threads: batches are exactly what a test says).
-fn worker(options: CommitOptions) -> (tempfile::TempDir, Arc<Storage>, Worker) {
+pub(super) fn worker(options: CommitOptions) -> (tempfile::TempDir, Arc<Storage>, Worker) {
     worker_with(options, StorageOptions::default())
 }
 
@@ -21,7 +21,7 @@ fn worker_with(
 }
 
 /// Applies `ops` as one batch and commits it.
-fn batch(worker: &mut Worker, ops: Vec<Op>) -> Vec<Outcome> {
+pub(super) fn batch(worker: &mut Worker, ops: Vec<Op>) -> Vec<Outcome> {
     let mut state = BatchState::default();
     let mut results: Vec<((), Outcome)> = ops
         .into_iter()
