@@ -180,6 +180,10 @@ pub struct Config {
     pub durability: Durability,
     /// Messages older than this are deleted in the background.
     pub retention_days: u32,
+    /// RocksDB's memory budget in MiB: one block cache for every column
+    /// family with the memtables charged into it (at most half), and the
+    /// WAL size past which old memtables are flushed.
+    pub storage_memory_mb: u32,
     /// How long after sending a message its sender may recall it.
     pub recall_window_secs: u32,
     /// Most members one group may have.
@@ -225,6 +229,7 @@ impl Default for Config {
             shutdown_timeout_secs: 10,
             durability: Durability::Fsync,
             retention_days: 30,
+            storage_memory_mb: (ferry_storage::DEFAULT_MEMORY_BUDGET_BYTES >> 20) as u32,
             recall_window_secs: 120,
             max_group_members: 10_000,
             log_format: LogFormat::Text,
@@ -337,6 +342,9 @@ pub struct ServeArgs {
     /// Days messages are kept [default: 30].
     #[arg(long, env = "FERRY_RETENTION_DAYS")]
     pub retention_days: Option<u32>,
+    /// RocksDB's memory budget in MiB: block cache and memtables together [default: 128].
+    #[arg(long, env = "FERRY_STORAGE_MEMORY_MB")]
+    pub storage_memory_mb: Option<u32>,
     /// Seconds after sending during which a message may be recalled [default: 120].
     #[arg(long, env = "FERRY_RECALL_WINDOW_SECS")]
     pub recall_window_secs: Option<u32>,
@@ -726,6 +734,7 @@ impl ServeArgs {
             shutdown_timeout_secs,
             durability,
             retention_days,
+            storage_memory_mb,
             recall_window_secs,
             max_group_members,
             log_format
@@ -785,6 +794,7 @@ impl Config {
         ferry_storage::StorageOptions {
             retention_days: self.retention_days,
             max_open_files: STORAGE_MAX_OPEN_FILES,
+            memory_budget_bytes: (self.storage_memory_mb as usize) << 20,
             ..Default::default()
         }
     }
@@ -937,6 +947,10 @@ impl Config {
         }
         check(self.retention_days >= 1, "retention_days must be ≥ 1")?;
         check(self.max_group_members >= 2, "max_group_members must be ≥ 2")?;
+        check(
+            (self.storage_memory_mb as usize) << 20 >= ferry_storage::MIN_MEMORY_BUDGET_BYTES,
+            "storage_memory_mb must be ≥ 16",
+        )?;
         if let Some(secret) = &self.jwt_previous_secret {
             check(
                 secret.len() >= 16,

@@ -64,9 +64,10 @@ async fn readyz(State(shared): State<Arc<ServerState>>) -> (StatusCode, String) 
 
 async fn metrics(State(shared): State<Arc<ServerState>>) -> Response {
     let online = shared.router.sessions().online();
-    // Rendering reads /proc (one directory entry per open descriptor):
-    // keep it off the reactor threads.
-    match tokio::task::spawn_blocking(move || crate::metrics::render(online)).await {
+    // Rendering reads /proc (one directory entry per open descriptor) and
+    // lists the data dir: keep it off the reactor threads.
+    let storage = shared.router.storage().clone();
+    match tokio::task::spawn_blocking(move || crate::metrics::render(online, &storage)).await {
         Ok(Some(text)) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response(),
         Ok(None) => (
             StatusCode::SERVICE_UNAVAILABLE,

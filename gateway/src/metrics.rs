@@ -195,6 +195,31 @@ fn describe_all() {
     );
     describe_gauge!("process_max_fds", "The soft open-file limit");
     describe_gauge!(
+        "ferry_storage_cache_bytes",
+        Unit::Bytes,
+        "RocksDB's shared block cache in use, memtable reservations included (bounded by storage_memory_mb)"
+    );
+    describe_gauge!(
+        "ferry_storage_memtable_bytes",
+        Unit::Bytes,
+        "RocksDB memtables, mutable and being flushed (counted inside ferry_storage_cache_bytes)"
+    );
+    describe_gauge!(
+        "ferry_storage_table_readers_bytes",
+        Unit::Bytes,
+        "RocksDB table readers' memory outside the block cache"
+    );
+    describe_gauge!(
+        "ferry_storage_sst_bytes",
+        Unit::Bytes,
+        "Live RocksDB table files on disk"
+    );
+    describe_gauge!(
+        "ferry_storage_wal_bytes",
+        Unit::Bytes,
+        "RocksDB write-ahead log files on disk"
+    );
+    describe_gauge!(
         "process_start_time_seconds",
         Unit::Seconds,
         "Process start, seconds since the Unix epoch"
@@ -536,9 +561,15 @@ pub fn admin_request(status: u16) {
 /// Updates the scrape-time gauges and renders every metric in the
 /// Prometheus text format; `None` when the recorder is not ours. Reads
 /// `/proc`: call it on a blocking thread.
-pub fn render(sessions_online: u64) -> Option<String> {
+pub fn render(sessions_online: u64, storage: &ferry_storage::Storage) -> Option<String> {
     let handle = install()?;
     HANDLES.sessions_online.set(sessions_online as f64);
+    let usage = storage.usage();
+    gauge!("ferry_storage_cache_bytes").set(usage.cache_bytes as f64);
+    gauge!("ferry_storage_memtable_bytes").set(usage.memtable_bytes as f64);
+    gauge!("ferry_storage_table_readers_bytes").set(usage.table_reader_bytes as f64);
+    gauge!("ferry_storage_sst_bytes").set(usage.sst_bytes as f64);
+    gauge!("ferry_storage_wal_bytes").set(usage.wal_bytes as f64);
     if let Some(rss) = process::resident_bytes() {
         HANDLES.rss.set(rss as f64);
     }

@@ -64,6 +64,11 @@ pub struct StorageOptions {
     /// member count plus one, each id known to be absent one. About 100
     /// bytes a member, so the default bounds the cache near 200 MB.
     pub group_cache_members: usize,
+    /// RocksDB's memory budget: one block cache shared by every column
+    /// family, of this capacity, into which the memtables are charged too
+    /// (at most half of it). Also bounds the write-ahead log: past this
+    /// size, the column families holding its oldest file are flushed.
+    pub memory_budget_bytes: usize,
 }
 
 impl Default for StorageOptions {
@@ -72,8 +77,35 @@ impl Default for StorageOptions {
             retention_days: 30,
             max_open_files: 512,
             group_cache_members: 2_000_000,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
         }
     }
+}
+
+/// Default of [`StorageOptions::memory_budget_bytes`]: 128 MiB.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 128 << 20;
+
+/// The least [`StorageOptions::memory_budget_bytes`] accepted: below it,
+/// memtables flush every few hundred KiB of writes.
+pub const MIN_MEMORY_BUDGET_BYTES: usize = 16 << 20;
+
+/// What RocksDB holds in memory and on disk now ([`Storage::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageUsage {
+    /// The shared block cache: data, index and filter blocks plus the
+    /// memtables' reservations. Bounded by the memory budget (RocksDB may
+    /// exceed it briefly while blocks are pinned by readers).
+    pub cache_bytes: u64,
+    /// Memtables, mutable and being flushed (counted inside `cache_bytes`
+    /// through their reservations).
+    pub memtable_bytes: u64,
+    /// Table readers' memory outside the cache (index and filter blocks
+    /// live in the cache, so this stays small).
+    pub table_reader_bytes: u64,
+    /// Live table files on disk.
+    pub sst_bytes: u64,
+    /// Write-ahead log files on disk.
+    pub wal_bytes: u64,
 }
 
 /// One page of an inbox.
@@ -91,6 +123,8 @@ pub struct InboxPage {
 /// The database.
 pub struct Storage {
     pub(crate) db: Arc<DB>,
+    /// The block cache every column family shares (memtables charged in).
+    cache: rocksdb::Cache,
     pub(crate) groups: RwLock<GroupCache>,
     pub(crate) options: StorageOptions,
     /// Set by [`Storage::close`]: background sweeps stop at their next chunk.
@@ -149,13 +183,35 @@ impl Storage {
         // One committer writes; pipelining overlaps its WAL and memtable work.
         db_opts.set_enable_pipelined_write(true);
         db_opts.set_keep_log_file_num(4);
+        // One memory budget for the whole database: without a shared cache
+        // every column family gets its own 32 MiB block cache, and without a
+        // write buffer manager each its own memtables (7 × 2 × 32 MiB).
+        let budget = options.memory_budget_bytes.max(MIN_MEMORY_BUDGET_BYTES);
+        let cache = rocksdb::Cache::new_lru_cache(budget);
+        // No stall: a full budget flushes the largest memtable, it never
+        // blocks the committer.
+        let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+            budget / 2,
+            false,
+            cache.clone(),
+        );
+        db_opts.set_write_buffer_manager(&write_buffers);
+        // A rarely written column family (groups, meta) would otherwise pin
+        // every WAL file since its last flush (463 MiB of WAL for 92 MiB of
+        // tables in the hour-long soak): past this, the column families
+        // holding the oldest WAL file are flushed.
+        db_opts.set_max_total_wal_size(budget as u64);
 
         let retention = options.retention_days;
         let cfs = cf::ALL.iter().map(|name| {
             let mut o = Options::default();
             let mut table = BlockBasedOptions::default();
             table.set_bloom_filter(10.0, false);
+            table.set_block_cache(&cache);
             table.set_cache_index_and_filter_blocks(true);
+            // L0 files are read by every lookup: keep their index and
+            // filter in the cache rather than loading them per read.
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
             o.set_block_based_table_factory(&table);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             o.set_write_buffer_size(32 << 20);
@@ -200,6 +256,7 @@ impl Storage {
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)?;
         let storage = Storage {
             db: Arc::new(db),
+            cache,
             groups: RwLock::new(GroupCache::new(options.group_cache_members)),
             options,
             closing: AtomicBool::new(false),
@@ -261,6 +318,41 @@ impl Storage {
         self.db
             .cf_handle(name)
             .expect("every column family is created at open")
+    }
+
+    /// What RocksDB holds in memory (cache, memtables, table readers) and
+    /// on disk (tables, WAL) now. Lists the data dir: call it off the
+    /// reactor threads.
+    pub fn usage(&self) -> StorageUsage {
+        let memory =
+            rocksdb::perf::get_memory_usage_stats(Some(&[self.db.as_ref()]), Some(&[&self.cache]))
+                .ok();
+        let sst_bytes = cf::ALL
+            .iter()
+            .filter_map(|name| {
+                self.db
+                    .property_int_value_cf(self.cf(name), "rocksdb.live-sst-files-size")
+                    .ok()
+                    .flatten()
+            })
+            .sum();
+        // WAL files are `<number>.log` in the data dir (the info log is `LOG`).
+        let wal_bytes = std::fs::read_dir(self.db.path())
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        StorageUsage {
+            cache_bytes: self.cache.get_usage() as u64,
+            memtable_bytes: memory.as_ref().map_or(0, |m| m.mem_table_total),
+            table_reader_bytes: memory.as_ref().map_or(0, |m| m.mem_table_readers_total),
+            sst_bytes,
+            wal_bytes,
+        }
     }
 
     /// The retention period in days.
@@ -576,5 +668,62 @@ pub fn message_entry(
         ref_msg_id: if msg.recalled { msg_id } else { 0 },
         client_msg_id: if own { msg.client_msg_id } else { 0 },
         group_event: msg.group_event,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `total` bytes of 64 KiB values into `cf_name`, unsynced.
+    fn fill(storage: &Storage, cf_name: &str, total: usize) {
+        let value = vec![7u8; 64 << 10];
+        for i in 0..total / value.len() {
+            let key = format!("fill-{i:08}");
+            storage
+                .db
+                .put_cf(storage.cf(cf_name), key.as_bytes(), &value)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn memtables_and_the_wal_stay_within_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MIN_MEMORY_BUDGET_BYTES;
+        let storage = Storage::open(
+            dir.path(),
+            StorageOptions {
+                memory_budget_bytes: budget,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // One small write to a rarely written column family first: its
+        // memtable holds on to the oldest WAL file until it is flushed.
+        storage
+            .db
+            .put_cf(storage.cf(cf::GROUPS), b"g", b"members")
+            .unwrap();
+        // Four budgets' worth into two busy column families.
+        fill(&storage, cf::MSGS, 2 * budget);
+        fill(&storage, cf::INBOX, 2 * budget);
+        storage.db.flush_wal(true).unwrap();
+
+        let usage = storage.usage();
+        assert!(usage.sst_bytes > 0, "{usage:?}");
+        assert!(
+            usage.memtable_bytes <= budget as u64,
+            "memtables beyond the budget: {usage:?}"
+        );
+        assert!(
+            usage.cache_bytes <= 2 * budget as u64,
+            "cache beyond the budget: {usage:?}"
+        );
+        // Without the WAL bound every file since the groups write stays.
+        assert!(
+            usage.wal_bytes <= 2 * budget as u64,
+            "WAL not bounded: {usage:?}"
+        );
     }
 }

@@ -37,7 +37,10 @@ pub use commit::{
     CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, LinkOutcome, Op,
     Outcome, Target, max_entry_bytes_for,
 };
-pub use db::{InboxPage, Storage, StorageOptions};
+pub use db::{
+    DEFAULT_MEMORY_BUDGET_BYTES, InboxPage, MIN_MEMORY_BUDGET_BYTES, Storage, StorageOptions,
+    StorageUsage,
+};
 pub use groups::{Group, Refusal};
 pub use link::{Homes, LinkOut, NodeId};
 pub use revocation::Revocation;

@@ -781,6 +781,14 @@ async fn metrics_count_connects_sends_and_kicks() {
     assert_eq!(grown("ferry_deliveries_total"), 2.0);
     assert!(delta("ferry_bytes_in_total") > 0.0);
     assert!(delta("ferry_bytes_out_total") > 0.0);
+    // RocksDB's figures: the message sits in a memtable, which the shared
+    // cache accounts for, behind a WAL on disk; nothing flushed yet.
+    assert!(get(&m1, "ferry_storage_memtable_bytes") > 0.0);
+    assert!(get(&m1, "ferry_storage_cache_bytes") > 0.0);
+    assert!(get(&m1, "ferry_storage_cache_bytes") <= 128.0 * 1024.0 * 1024.0);
+    assert!(get(&m1, "ferry_storage_wal_bytes") > 0.0);
+    assert!(get(&m1, "ferry_storage_table_readers_bytes") >= 0.0);
+    assert_eq!(get(&m1, "ferry_storage_sst_bytes"), 0.0);
     // The gauge is read a moment before the counters are rendered.
     scrape_until(server.http, "ferry_sessions_online", 1.0).await;
     assert_eq!(get(&m1, "ferry_admin_requests_total{status=\"200\"}"), 1.0);
