@@ -64,6 +64,10 @@ struct BackupArgs {
     /// share unchanged files with the new one).
     #[arg(long)]
     to: std::path::PathBuf,
+    /// Keep only this many newest backups in the backup directory once the
+    /// new one is verified (0: keep all); the server's `backup_keep`.
+    #[arg(long, default_value_t = 7)]
+    keep: u32,
 }
 
 #[derive(clap::Args)]
@@ -116,8 +120,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn backup(args: BackupArgs) -> anyhow::Result<()> {
-    let (info, secrets) = ferry_gateway::backup_files::backup_stopped(&args.data_dir, &args.to)
-        .with_context(|| {
+    let (info, secrets) =
+        ferry_gateway::backup_files::backup_stopped(&args.data_dir, &args.to, args.keep as usize)
+            .with_context(|| {
             format!(
                 "backing up {} into {} (is the node stopped? a running node is backed up with \
                  POST /admin/backup)",

@@ -848,7 +848,8 @@ async fn backup(State(state): State<AdminState>) -> ApiResult {
         ));
     };
     let started = std::time::Instant::now();
-    let made = shared.router.backup(dir.clone()).await;
+    let keep = shared.config.backup_keep as usize;
+    let made = shared.router.backup(dir.clone(), keep).await;
     let info = match made {
         Ok(info) => info,
         Err(e) => {

@@ -40,13 +40,15 @@ pub fn copy_secret_files(
 }
 
 /// `ferry backup`: backs up the database of a stopped node's `data_dir`
-/// into `to`, with its secret files. Fails if the node is running (the
-/// database is locked): use `POST /admin/backup` then.
+/// into `to`, with its secret files, keeping the newest `keep` backups
+/// there (0: all). Fails if the node is running (the database is locked):
+/// use `POST /admin/backup` then.
 pub fn backup_stopped(
     data_dir: &Path,
     to: &Path,
+    keep: usize,
 ) -> Result<(BackupInfo, Vec<&'static str>), StorageError> {
-    let info = backup::backup_stopped(&backup::db_path_of(data_dir), to)?;
+    let info = backup::backup_stopped(&backup::db_path_of(data_dir), to, keep)?;
     let copied = copy_secret_files(data_dir, to, true)
         .map_err(|e| StorageError::Io(format!("copying the secret files: {e}")))?;
     Ok((info, copied))

@@ -174,6 +174,9 @@ pub struct Config {
     /// incremental). Unset: the call is refused. Best on another disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_dir: Option<PathBuf>,
+    /// Backups kept in `backup_dir`: after each verified backup the older
+    /// ones beyond this many are deleted (0: keep all).
+    pub backup_keep: u32,
     /// Seconds a connection may take to flush its goodbye on shutdown.
     pub shutdown_timeout_secs: u32,
     /// Write durability of acknowledged messages.
@@ -226,6 +229,7 @@ impl Default for Config {
             jwt_previous_kid: None,
             admin_token: None,
             backup_dir: None,
+            backup_keep: 7,
             shutdown_timeout_secs: 10,
             durability: Durability::Fsync,
             retention_days: 30,
@@ -333,6 +337,9 @@ pub struct ServeArgs {
     /// Directory for backups made with `POST /admin/backup` (incremental; best on another disk) [default: none, the call is refused].
     #[arg(long, env = "FERRY_BACKUP_DIR")]
     pub backup_dir: Option<PathBuf>,
+    /// Backups kept in the backup dir; older ones are deleted after each new one is verified (0: all) [default: 7].
+    #[arg(long, env = "FERRY_BACKUP_KEEP")]
+    pub backup_keep: Option<u32>,
     /// Seconds to drain connections on SIGTERM/SIGINT [default: 10].
     #[arg(long, env = "FERRY_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u32>,
@@ -731,6 +738,7 @@ impl ServeArgs {
             max_auth_failures_per_min_per_ip,
             limit_loopback,
             frame_read_timeout_secs,
+            backup_keep,
             shutdown_timeout_secs,
             durability,
             retention_days,

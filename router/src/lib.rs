@@ -874,12 +874,14 @@ impl Router {
     /// Backs up the database into `dir` while the node serves (RocksDB's
     /// BackupEngine, incremental; see [`ferry_storage::backup`]), on a
     /// blocking thread. Everything acknowledged before the call is in it.
+    /// Then only the newest `keep` backups in `dir` are kept (0: all).
     pub async fn backup(
         &self,
         dir: std::path::PathBuf,
+        keep: usize,
     ) -> Result<ferry_storage::BackupInfo, RouterError> {
         let storage = self.shared.storage.clone();
-        tokio::task::spawn_blocking(move || storage.backup(&dir))
+        tokio::task::spawn_blocking(move || storage.backup(&dir, keep))
             .await
             .map_err(|_| RouterError::ShuttingDown)?
             .map_err(RouterError::from)

@@ -108,8 +108,10 @@ impl Storage {
     /// serves, and returns the new backup. Incremental: table files already
     /// in `dir` are not copied again. Blocking (seconds for a large
     /// database): call it from a blocking thread. Backups into one dir are
-    /// made one at a time (a second caller waits).
-    pub fn backup(&self, dir: &Path) -> Result<BackupInfo, StorageError> {
+    /// made one at a time (a second caller waits). Once the new backup is
+    /// verified, only the newest `keep` backups in `dir` are kept (0: all);
+    /// files still shared with a kept backup stay.
+    pub fn backup(&self, dir: &Path, keep: usize) -> Result<BackupInfo, StorageError> {
         let _one_at_a_time = self.backup_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut engine = engine(dir)?;
         // Flush first: the backup then holds every acknowledged write in
@@ -120,6 +122,9 @@ impl Storage {
             .max_by_key(|i| i.id)
             .ok_or_else(|| StorageError::Io("backup made but not listed".into()))?;
         engine.verify_backup(newest.id)?;
+        if keep > 0 {
+            engine.purge_old_backups(keep)?;
+        }
         Ok(newest)
     }
 
@@ -138,14 +143,15 @@ impl Storage {
     }
 }
 
-/// Backs up the database of a stopped node at `db_path` into `dir`.
-/// Fails if a node is running on it (RocksDB's lock).
-pub fn backup_stopped(db_path: &Path, dir: &Path) -> Result<BackupInfo, StorageError> {
+/// Backs up the database of a stopped node at `db_path` into `dir`,
+/// keeping the newest `keep` backups there (0: all). Fails if a node is
+/// running on it (RocksDB's lock).
+pub fn backup_stopped(db_path: &Path, dir: &Path, keep: usize) -> Result<BackupInfo, StorageError> {
     if !db_path.join("CURRENT").exists() {
         return Err(io("no database in", db_path, "CURRENT not found"));
     }
     let storage = Storage::open(db_path, StorageOptions::default())?;
-    let info = storage.backup(dir);
+    let info = storage.backup(dir, keep);
     storage.close()?;
     info
 }
@@ -227,5 +233,31 @@ mod tests {
         assert_eq!(floor, 2 * SEQ_GENERATION);
         assert_eq!(hw, 1_000 << MSG_ID_TIME_SHIFT, "never moves back");
         assert_eq!(storage.seq_floor().unwrap(), 2 * SEQ_GENERATION);
+    }
+
+    #[test]
+    fn backups_beyond_keep_are_pruned_oldest_first_and_zero_keeps_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let ids = |keep| {
+            storage
+                .db
+                .put_cf(storage.cf(cf::META), b"test", b"x")
+                .unwrap();
+            storage.backup(backups.path(), keep).unwrap();
+            let listed = list_backups(backups.path()).unwrap();
+            listed.iter().map(|b| b.id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(0), [1]);
+        assert_eq!(ids(0), [1, 2]);
+        assert_eq!(ids(0), [1, 2, 3]);
+        assert_eq!(ids(2), [3, 4], "the newest two stay");
+        assert_eq!(ids(2), [4, 5]);
+        assert_eq!(ids(0), [4, 5, 6]);
+        // What is kept still restores.
+        let restored = tempfile::tempdir().unwrap();
+        let r = restore(backups.path(), &restored.path().join("db"), Some(4)).unwrap();
+        assert_eq!(r.backup.id, 4);
     }
 }

@@ -276,4 +276,22 @@ async fn a_stopped_node_is_backed_up_by_the_command_and_backups_are_incremental(
     let r = admin(server.http, "POST", "/admin/backup", None).await;
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(r.json()["code"], "no_backup_dir");
+
+    // Pruning: a third backup keeping one leaves only itself.
+    let out = ferry(&[
+        "backup",
+        &format!("--data-dir={}", data.path().display()),
+        &format!("--to={}", backups.path().display()),
+        "--keep=1",
+    ])
+    .await;
+    assert!(out.contains("backup 3"), "{out}");
+    let listed = ferry(&[
+        "restore",
+        "--list",
+        &format!("--from={}", backups.path().display()),
+    ])
+    .await;
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.starts_with("backup 3:"), "{listed}");
 }
