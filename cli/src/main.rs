@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing::{error, info, warn};
 
+// With the crate's `override` feature (cli/Cargo.toml) the same allocator
+// also serves every malloc/new in the process, RocksDB's included.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -381,4 +383,23 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => info!("SIGINT received"),
         }
     })
+}
+
+#[cfg(test)]
+mod allocator_tests {
+    /// RocksDB's C++ code allocates through malloc and operator new: with
+    /// mimalloc's `override` feature those are mimalloc's (its malloc is an
+    /// alias of `mi_malloc`), not glibc's.
+    #[test]
+    fn malloc_is_mimalloc() {
+        let malloc = libc::malloc as *const () as usize;
+        let mi_malloc = libmimalloc_sys::mi_malloc as *const () as usize;
+        assert_eq!(malloc, mi_malloc, "malloc is not mimalloc's");
+        // And it works: a block from malloc is freed by mimalloc.
+        unsafe {
+            let p = libc::malloc(100);
+            assert!(!p.is_null());
+            libmimalloc_sys::mi_free(p);
+        }
+    }
 }
