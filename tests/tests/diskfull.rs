@@ -75,7 +75,7 @@ fn fill(path: &Path) -> u64 {
 /// ends in has room the disk's free space does not show.
 fn top_up(file: &mut std::fs::File) -> u64 {
     let mut written = 0;
-    while let Ok(1..) = file.write(&[b'\n']) {
+    while let Ok(1..) = file.write(b"\n") {
         written += 1;
     }
     written
