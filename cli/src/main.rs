@@ -220,7 +220,9 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Never fails: a log line that cannot be written (stderr on a full
+        // disk) is dropped and counted instead of panicking whatever logged.
+        .with_writer(|| ferry_gateway::log_output::Stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

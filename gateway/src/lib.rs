@@ -30,6 +30,7 @@ pub mod config;
 mod connection;
 mod http;
 pub mod ip_limits;
+pub mod log_output;
 pub mod metrics;
 pub mod presence;
 pub mod rlimit;

@@ -194,6 +194,10 @@ fn describe_all() {
         "Open file descriptors, counted in /proc/self/fd at scrape time"
     );
     describe_gauge!("process_max_fds", "The soft open-file limit");
+    describe_counter!(
+        "ferry_log_lines_dropped_total",
+        "Log lines that could not be written (stderr failing, e.g. on a full disk) and were dropped"
+    );
     describe_gauge!(
         "ferry_storage_cache_bytes",
         Unit::Bytes,
@@ -579,6 +583,7 @@ pub fn render(sessions_online: u64, storage: &ferry_storage::Storage) -> Option<
     if let Ok((soft, _)) = crate::rlimit::nofile() {
         HANDLES.max_fds.set(soft as f64);
     }
+    counter!("ferry_log_lines_dropped_total").absolute(crate::log_output::dropped_lines());
     Some(handle.render())
 }
 

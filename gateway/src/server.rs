@@ -202,6 +202,27 @@ impl PendingAuth {
     }
 }
 
+/// A connection's place under `max_connections`, counted in
+/// `ferry_connections_open` for as long as it is held: the gauge and the
+/// limit are released together, in `Drop`, so that however the connection
+/// task ends (a panic included) the gauge never counts a freed place.
+struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit) -> ConnectionSlot {
+        m::accepted();
+        ConnectionSlot { _permit: permit }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        m::released();
+    }
+}
+
 impl Drop for PendingAuth {
     fn drop(&mut self) {
         m::pending_auth(-1.0);
@@ -451,21 +472,19 @@ async fn accept_loop(
             );
             continue;
         };
-        m::accepted();
+        let slot = ConnectionSlot::new(permit);
         let shared = shared.clone();
         let pending = PendingAuth::new(pending);
         match tls {
             None => tracker.spawn(async move {
                 connection::serve_plain(shared, stream, peer, pending, ip_slot).await;
-                m::released();
-                drop(permit);
+                drop(slot);
             }),
             Some(tls) => {
                 let tls = tls.clone();
                 tracker.spawn(async move {
                     connection::serve_tls(shared, stream, peer, pending, ip_slot, tls).await;
-                    m::released();
-                    drop(permit);
+                    drop(slot);
                 })
             }
         };

@@ -276,6 +276,38 @@ impl ServerProcess {
         http_listen: &str,
         extra: &[&str],
     ) -> ServerProcess {
+        ServerProcess::spawn(
+            data_dir,
+            listen,
+            http_listen,
+            extra,
+            Stdio::inherit(),
+            "warn",
+        )
+        .await
+    }
+
+    /// [`ServerProcess::start`] with the server's log (stderr) written to
+    /// `log` at the level `rust_log` (a `RUST_LOG` filter), as a service
+    /// manager writes it to a file.
+    pub async fn start_logging_to(
+        data_dir: &std::path::Path,
+        extra: &[&str],
+        log: std::fs::File,
+        rust_log: &str,
+    ) -> ServerProcess {
+        let (listen, http) = ("127.0.0.1:0", "127.0.0.1:0");
+        ServerProcess::spawn(data_dir, listen, http, extra, Stdio::from(log), rust_log).await
+    }
+
+    async fn spawn(
+        data_dir: &std::path::Path,
+        listen: &str,
+        http_listen: &str,
+        extra: &[&str],
+        stderr: Stdio,
+        rust_log: &str,
+    ) -> ServerProcess {
         let mut child = tokio::process::Command::new(ferry_binary())
             .arg("serve")
             .arg(format!("--listen={listen}"))
@@ -285,9 +317,9 @@ impl ServerProcess {
             .arg(format!("--admin-token={TEST_ADMIN_TOKEN}"))
             .arg("--max-connections=10000")
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn ferry");
