@@ -281,9 +281,12 @@ impl Outbound {
     }
 }
 
-/// What a publisher round takes: seqs and their bytes where held, and the
-/// link's head (its oldest unconfirmed seq) as it stands now.
-fn take_chunk(link: &PeerLink) -> Option<(Vec<(u64, Option<Bytes>)>, bus::LinkHead)> {
+/// Seqs of a publisher round and their bytes where held.
+type Chunk = Vec<(u64, Option<Bytes>)>;
+
+/// What a publisher round takes, and the link's head (its oldest
+/// unconfirmed seq) as it stands now.
+fn take_chunk(link: &PeerLink) -> Option<(Chunk, bus::LinkHead)> {
     let mut state = link.state.lock().expect("not poisoned");
     if state.next > state.last {
         return None;
