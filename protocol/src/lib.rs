@@ -78,6 +78,17 @@ pub mod bus {
         Ok(envelope)
     }
 
+    /// `envelope` (an encoded `Envelope`, as stored in an outbox) with
+    /// `head` as its `link_head`: the field is appended, which Protobuf
+    /// decoders take as if it had been encoded with the rest (and a later
+    /// occurrence of a field wins over an earlier one).
+    pub fn with_link_head(envelope: &[u8], head: &LinkHead) -> bytes::Bytes {
+        let mut out = Vec::with_capacity(envelope.len() + 2 + head.encoded_len() + 8);
+        out.extend_from_slice(envelope);
+        prost::encoding::message::encode(5, head, &mut out);
+        out.into()
+    }
+
     /// An envelope from `from` to `to` around `body`, encoded.
     pub fn encode_envelope(from: u16, to: u16, body: envelope::Body) -> bytes::Bytes {
         Envelope {
@@ -85,6 +96,7 @@ pub mod bus {
             from_node: from.into(),
             to_node: to.into(),
             body: Some(body),
+            link_head: None,
         }
         .encode_to_vec()
         .into()

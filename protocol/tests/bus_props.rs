@@ -53,6 +53,7 @@ fn other_versions_node_ids_and_empty_bodies_are_refused() {
             applied_through: 1,
             epoch: 7,
         })),
+        link_head: None,
     };
     assert_eq!(
         bus::decode_envelope(&envelope.encode_to_vec()),
@@ -79,4 +80,26 @@ fn other_versions_node_ids_and_empty_bodies_are_refused() {
         bus::decode_envelope(b"\xff\xff\xff"),
         Err(EnvelopeError::Malformed(_))
     ));
+}
+
+#[test]
+fn a_link_head_appended_to_a_stored_envelope_decodes_with_it() {
+    let stored = bus::encode_envelope(
+        1,
+        2,
+        Body::LinkBatch(bus::LinkBatch {
+            seq: 9,
+            epoch: 7,
+            ..Default::default()
+        }),
+    );
+    let head = bus::LinkHead {
+        held_from: 5,
+        prev_epoch: 3,
+        prev_through: 4,
+    };
+    let sent = bus::with_link_head(&stored, &head);
+    let decoded = bus::decode_envelope(&sent).unwrap();
+    assert_eq!(decoded.link_head, Some(head));
+    assert_eq!(decoded.body, bus::decode_envelope(&stored).unwrap().body);
 }

@@ -16,7 +16,9 @@
 //!                               raises it to the next multiple of SEQ_GENERATION
 //!       b"msg_id_high_water"  → raised to the restoring machine's clock, so new ids
 //!                               are minted after anything minted before the restore
-//!       b"link_epoch"         → renewed: peers start this node's links over (cluster)
+//!       b"link_epoch"         → renewed; outbox rows re-stamped with it and
+//!       b"link_prev"[peer]      the old epoch recorded per link, so that peers take
+//!                               this node's links on where they stand (cluster)
 //! ```
 //!
 //! Seqs: a user's next seq is the larger of "last seq in the inbox + 1"
@@ -207,7 +209,7 @@ fn mark_restored(storage: &Arc<Storage>, now_ms: u64) -> Result<(u64, u64), Stor
     // The marker must be on disk before the node can hand out anything.
     wo.set_sync(true);
     storage.db.write_opt(batch, &wo)?;
-    storage.renew_link_epoch()?;
+    storage.continue_links_in_new_epoch()?;
     Ok((seq_floor, high_water))
 }
 

@@ -88,7 +88,7 @@ use crate::model::{
     DedupValue, GroupMeta, InboxValue, MSG_ID_TIME_SHIFT, StoredMessage, mint_msg_id,
 };
 use crate::{StorageError, now_ms};
-pub use link::MAX_LINK_BATCH_BYTES;
+pub use link::{MAX_LINK_BATCH_BYTES, link_position};
 
 /// When a write counts as done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +295,9 @@ pub enum Op {
         epoch: u64,
         /// The batch.
         batch: ferry_protocol::bus::LinkBatch,
+        /// The sender's link as it stood when it published the batch
+        /// (default from a sender that does not say).
+        head: ferry_protocol::bus::LinkHead,
     },
     /// Refuse `user`'s tokens issued before `issued_before` (on `device`
     /// only, or on every device); see `revoke`. Stored on the user's home

@@ -25,6 +25,7 @@
 //!           b"link_out"[peer u16]                        → last link seq assigned for peer u64
 //!           b"link_in"[origin u16]                       → origin's epoch u64, last seq applied u64
 //!           b"link_epoch"                                → this data dir's link epoch u64
+//!           b"link_prev"[peer u16]                       → epoch continued u64, last seq carried u64
 //!           b"seq_floor"                                 → lowest seq an inbox may get next u64 (set by a restore)
 //!           b"revoked"[len][user]                        → the user's tokens issued before, Unix s u64
 //!           b"revoked"[len][user][len][device]           → the same for one device of the user
@@ -204,6 +205,14 @@ pub const META_LINK_EPOCH: &[u8] = b"link_epoch";
 /// `b"link_out"[peer]` in `meta`: the last link seq assigned for `peer`.
 pub fn link_out_key(peer: u16) -> Vec<u8> {
     let mut k = b"link_out".to_vec();
+    k.extend_from_slice(&peer.to_be_bytes());
+    k
+}
+
+/// `b"link_prev"[peer]` in `meta`: the epoch the link to `peer` continues
+/// after a restore, and the last seq it carried over (see `crate::link`).
+pub fn link_prev_key(peer: u16) -> Vec<u8> {
+    let mut k = b"link_prev".to_vec();
     k.extend_from_slice(&peer.to_be_bytes());
     k
 }

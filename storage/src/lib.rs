@@ -35,7 +35,7 @@ pub mod revocation;
 pub use backup::{BackupInfo, Restored};
 pub use commit::{
     CommitOptions, Committer, Durability, ENTRY_FRAME_ROOM, Fanout, GroupChange, LinkOutcome, Op,
-    Outcome, Target, max_entry_bytes_for,
+    Outcome, Target, link_position, max_entry_bytes_for,
 };
 pub use db::{
     DEFAULT_MEMORY_BUDGET_BYTES, InboxPage, MIN_MEMORY_BUDGET_BYTES, Storage, StorageOptions,

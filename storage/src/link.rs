@@ -7,7 +7,14 @@
 //! meta    b"link_out"[peer]    → last link seq assigned for the peer (survives an empty outbox)
 //!         b"link_in"[origin]   → origin's epoch u64, last link seq applied from it u64
 //!         b"link_epoch"        → this data dir's link epoch (random, made once)
+//!         b"link_prev"[peer]   → after a restore: the backup's epoch u64, and the
+//!                                last seq of the link carried over from it u64
 //! ```
+//!
+//! A restore renews the epoch but keeps the link seqs going: the backup's
+//! outbox rows are re-stamped with the new epoch and keep their seqs, and
+//! `link_prev` tells the peer that this epoch's batches up to that seq are
+//! the old epoch's (so a peer that applied them does not apply them again).
 //!
 //! The epoch names a data dir's history: a receiver that sees a new epoch
 //! from a sender (its data dir was replaced, or restored from a backup)
@@ -95,6 +102,68 @@ impl Storage {
             Some(_) => Err(StorageError::Schema("unreadable link position".into())),
             None => Ok((0, 0)),
         }
+    }
+
+    /// The epoch the link to `peer` continues and the last seq carried over
+    /// from it (`(0, 0)`: never restored).
+    pub fn link_prev(&self, peer: NodeId) -> Result<(u64, u64), StorageError> {
+        match self
+            .db
+            .get_cf(self.cf(cf::META), keys::link_prev_key(peer))?
+        {
+            Some(v) if v.len() == 16 => Ok((u64_value(&v[..8])?, u64_value(&v[8..])?)),
+            Some(_) => Err(StorageError::Schema("unreadable link position".into())),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// After a restore: gives the data dir a new link epoch that continues
+    /// the backup's (see the module doc). Every outbox row is re-stamped
+    /// with the new epoch (same seq), and each link with a seq records the
+    /// old epoch and its last seq in `link_prev`. One synced write.
+    pub(crate) fn continue_links_in_new_epoch(&self) -> Result<u64, StorageError> {
+        use ferry_protocol::bus;
+        use prost::Message;
+        let meta = self.cf(cf::META);
+        let old = match self.db.get_cf(meta, keys::META_LINK_EPOCH)? {
+            Some(v) => u64_value(&v)?,
+            None => 0,
+        };
+        let epoch = new_epoch();
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(meta, keys::META_LINK_EPOCH, epoch.to_be_bytes());
+        if old != 0 {
+            for item in self.db.prefix_iterator_cf(meta, b"link_out") {
+                let (key, value) = item?;
+                let Some(peer) = key.strip_prefix(b"link_out".as_slice()) else {
+                    break;
+                };
+                let Ok(peer) = <[u8; 2]>::try_from(peer) else {
+                    break;
+                };
+                let mut prev = Vec::with_capacity(16);
+                prev.extend_from_slice(&old.to_be_bytes());
+                prev.extend_from_slice(&u64_value(&value)?.to_be_bytes());
+                batch.put_cf(meta, keys::link_prev_key(u16::from_be_bytes(peer)), prev);
+            }
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf(cf::OUTBOX), IteratorMode::Start)
+        {
+            let (key, value) = item?;
+            let mut envelope = bus::Envelope::decode(value.as_ref())
+                .map_err(|e| StorageError::Schema(format!("unreadable outbox row: {e}")))?;
+            if let Some(bus::envelope::Body::LinkBatch(b)) = envelope.body.as_mut() {
+                b.epoch = epoch;
+            }
+            batch.put_cf(self.cf(cf::OUTBOX), key, envelope.encode_to_vec());
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        // Before the node starts: its first batch must carry the new epoch.
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(epoch)
     }
 
     /// This data dir's link epoch, made (randomly, and written with a WAL

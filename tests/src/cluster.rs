@@ -204,4 +204,9 @@ impl TestCluster {
     pub fn ops(&self, id: u16) -> SocketAddr {
         self.layout[&id].1
     }
+
+    /// Node `id`'s data dir (to wipe and restore it while it is down).
+    pub fn data_dir(&self, id: u16) -> &std::path::Path {
+        self.data[&id].path()
+    }
 }

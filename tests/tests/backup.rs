@@ -295,3 +295,173 @@ async fn a_stopped_node_is_backed_up_by_the_command_and_backups_are_incremental(
     assert_eq!(listed.lines().count(), 1, "{listed}");
     assert!(listed.starts_with("backup 3:"), "{listed}");
 }
+
+/// Sends `n` direct messages from `client` to `to`, each acknowledged;
+/// returns their msg ids.
+async fn send_direct(client: &mut Client, to: &str, first_cid: u64, n: u64) -> Vec<u64> {
+    send_acked(client, to, first_cid, n)
+        .await
+        .iter()
+        .map(|a| a.msg_id)
+        .collect()
+}
+
+/// Reads a connection's entries (login sync, live pushes, gap syncs) until
+/// every id of `want` has come; fails on a message entry seen twice, on a
+/// seq that does not increase, and on a message of `gone`. Other messages
+/// (the user's own sent copies) are let through. Returns the last seq seen.
+async fn receive_exactly(
+    client: &mut Client,
+    mut last_seq: u64,
+    want: &[u64],
+    gone: &[u64],
+) -> u64 {
+    let mut seen = HashSet::new();
+    let mut wanted = 0;
+    let mut take = |d: proto::Deliver, seen: &mut HashSet<u64>, wanted: &mut usize| {
+        assert!(d.seq > last_seq, "seq {} after {last_seq}", d.seq);
+        last_seq = d.seq;
+        if d.kind() == proto::EntryKind::Message {
+            assert!(!gone.contains(&d.msg_id), "message {} is back", d.msg_id);
+            assert!(
+                seen.insert(d.msg_id),
+                "message {} delivered twice",
+                d.msg_id
+            );
+            *wanted += usize::from(want.contains(&d.msg_id));
+        }
+    };
+    while wanted < want.len() {
+        match within(client.recv_frame()).await.expect("recv") {
+            Body::Deliver(d) => take(d, &mut seen, &mut wanted),
+            Body::SyncBatch(b) => b
+                .entries
+                .into_iter()
+                .for_each(|d| take(d, &mut seen, &mut wanted)),
+            Body::Error(e) => panic!("error {:?}: {}", e.code(), e.message),
+            _ => {}
+        }
+    }
+    last_seq
+}
+
+/// Logs `user` in on its home node as `device` from `last_seq`.
+async fn login_home(cluster: &ferry_e2e::cluster::TestCluster, user: &str, device: &str) -> Client {
+    let mut client = Client::connect(cluster.addr(cluster.home(user)))
+        .await
+        .expect("connect");
+    within(client.authenticate(&token(user), device, 0))
+        .await
+        .expect("auth at home");
+    client
+}
+
+/// Restoring one node of a cluster (docs/OPERATIONS.md "Backups and
+/// restore", docs/CLUSTER.md §2.6): node 1 is backed up, more messages
+/// cross in both directions (its peers then hold nothing it confirmed),
+/// it is killed, wiped and restored. Links both ways must flow again:
+/// the peers' links into it skip the gap it lost with its tail, its own
+/// links start a new epoch the peers take, and no device gets a message
+/// twice.
+#[tokio::test]
+async fn a_restored_cluster_node_links_with_its_peers_again_both_ways() {
+    let backups = tempfile::tempdir().unwrap();
+    let backup_flag = format!("--backup-dir={}", backups.path().display());
+    let mut cluster = ferry_e2e::cluster::TestCluster::start_with(3, &[backup_flag.as_str()]).await;
+    let r_user = cluster.user_on(1, "rita");
+    let x_user = cluster.user_on(2, "xavi");
+    let y_user = cluster.user_on(3, "yuki");
+    let mut r = login_home(&cluster, &r_user, "phone").await;
+    let mut x = login_home(&cluster, &x_user, "phone").await;
+    let mut y = login_home(&cluster, &y_user, "phone").await;
+    let (mut r_seq, mut x_seq, mut y_seq) = (0, 0, 0);
+
+    // Before the backup: both ways, delivered live.
+    // (A sender reads its acks before its deliveries: receive first.)
+    let x_to_r = send_direct(&mut x, &r_user, 1, 3).await;
+    let y_to_r = send_direct(&mut y, &r_user, 1, 2).await;
+    let before_r: Vec<u64> = x_to_r.iter().chain(&y_to_r).copied().collect();
+    r_seq = receive_exactly(&mut r, r_seq, &before_r, &[]).await;
+    let r_to_x = send_direct(&mut r, &x_user, 1, 3).await;
+    let r_to_y = send_direct(&mut r, &y_user, 101, 2).await;
+    x_seq = receive_exactly(&mut x, x_seq, &r_to_x, &[]).await;
+    y_seq = receive_exactly(&mut y, y_seq, &r_to_y, &[]).await;
+
+    let ops = cluster.ops(1);
+    let b = admin(ops, "POST", "/admin/backup", None).await;
+    assert_eq!(b.status, 200, "{}", b.body);
+
+    // After the backup: applied and confirmed both ways, then lost by the
+    // restore on node 1 (its peers have trimmed what it confirmed).
+    let lost_x_to_r = send_direct(&mut x, &r_user, 10, 4).await;
+    let lost_y_to_r = send_direct(&mut y, &r_user, 10, 2).await;
+    let lost_r: Vec<u64> = lost_x_to_r.iter().chain(&lost_y_to_r).copied().collect();
+    receive_exactly(&mut r, r_seq, &lost_r, &[]).await;
+    let lost_r_to_x = send_direct(&mut r, &x_user, 10, 4).await;
+    let lost_r_to_y = send_direct(&mut r, &y_user, 110, 2).await;
+    x_seq = receive_exactly(&mut x, x_seq, &lost_r_to_x, &[]).await;
+    y_seq = receive_exactly(&mut y, y_seq, &lost_r_to_y, &[]).await;
+    // Wait until the peers' outboxes toward node 1 are confirmed (empty).
+    for peer in [2u16, 3] {
+        within(async {
+            loop {
+                let m = http(cluster.ops(peer), "GET", "/metrics", &[], None).await;
+                if m.body
+                    .lines()
+                    .any(|l| l == "ferry_bus_outbox_entries{peer=\"1\"} 0")
+                {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    }
+
+    cluster.kill(1).await;
+    drop(r);
+    let db = cluster.data_dir(1).to_path_buf();
+    wipe(&db);
+    ferry(&[
+        "restore",
+        &format!("--from={}", backups.path().display()),
+        &format!("--data-dir={}", db.display()),
+    ])
+    .await;
+    cluster.restart(1).await;
+
+    // Everything acked before the backup is readable on the restored node,
+    // once; what came after it is gone.
+    let mut r = login_home(&cluster, &r_user, "tablet").await;
+    let r_seq = receive_exactly(&mut r, 0, &before_r, &lost_r).await;
+
+    // Into the restored node, live, from both peers.
+    let new_x_to_r = send_direct(&mut x, &r_user, 20, 3).await;
+    let new_y_to_r = send_direct(&mut y, &r_user, 20, 2).await;
+    let new_r: Vec<u64> = new_x_to_r.iter().chain(&new_y_to_r).copied().collect();
+    receive_exactly(&mut r, r_seq, &new_r, &lost_r).await;
+    // Out of it, live, to both peers: nothing twice on their devices.
+    let new_r_to_x = send_direct(&mut r, &x_user, 30, 3).await;
+    let new_r_to_y = send_direct(&mut r, &y_user, 130, 2).await;
+    receive_exactly(&mut x, x_seq, &new_r_to_x, &[]).await;
+    receive_exactly(&mut y, y_seq, &new_r_to_y, &[]).await;
+
+    // And by sync: fresh devices read every inbox whole, each message once.
+    let mut x2 = login_home(&cluster, &x_user, "tablet").await;
+    let all_x: Vec<u64> = [&r_to_x, &lost_r_to_x, &new_r_to_x]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    receive_exactly(&mut x2, 0, &all_x, &[]).await;
+    let mut y2 = login_home(&cluster, &y_user, "tablet").await;
+    let all_y: Vec<u64> = [&r_to_y, &lost_r_to_y, &new_r_to_y]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    receive_exactly(&mut y2, 0, &all_y, &[]).await;
+    let mut r2 = login_home(&cluster, &r_user, "laptop").await;
+    let all_r: Vec<u64> = before_r.iter().chain(&new_r).copied().collect();
+    receive_exactly(&mut r2, 0, &all_r, &lost_r).await;
+}

@@ -97,23 +97,46 @@ pub(crate) enum Arrival {
     /// From another epoch and not its first batch: FIN and forget (ask
     /// for the new epoch from seq 1).
     OtherEpoch,
+    /// The next one after a gap that no one can fill any more (the
+    /// sender's oldest held batch, above this node's position: it lost the
+    /// batches in between with its tail when it was restored): submit it;
+    /// the committer moves the position over the gap. Carries the gap.
+    SkipGap(u64, u64),
 }
 
 impl InboundLink {
-    /// Sorts an arriving batch. A first batch (seq 1) of a new epoch starts
-    /// the link over.
-    pub fn arrive(&mut self, epoch: u64, seq: u64) -> Arrival {
+    /// Sorts an arriving batch, with the sender's link head. A new epoch
+    /// starts the link over where `ferry_storage::link_position` says (the
+    /// committer's own check, which this mirrors).
+    pub fn arrive(&mut self, epoch: u64, seq: u64, head: &bus::LinkHead) -> Arrival {
         if epoch != self.epoch {
-            if seq != 1 {
+            let Some(position) =
+                ferry_storage::link_position((self.epoch, self.applied), epoch, seq, head)
+            else {
                 return Arrival::OtherEpoch;
-            }
+            };
             // The sender's data dir was replaced or restored: a new link.
             self.epoch = epoch;
-            self.applied = 0;
-            self.submitted = 0;
+            self.applied = position;
+            self.submitted = position;
             self.held.clear();
             self.gap_since = None;
             self.held_touched = None;
+            self.confirm_due = true;
+        }
+        if head.held_from != 0 && seq == head.held_from && seq > self.submitted + 1 {
+            // Only from what is durably applied: an in-flight batch below
+            // the gap must not be overtaken.
+            if self.submitted == self.applied {
+                let gap = (self.submitted + 1, seq - 1);
+                self.submitted = seq;
+                self.held.retain(|s, _| *s > seq);
+                if self.held.is_empty() {
+                    self.gap_since = None;
+                    self.held_touched = None;
+                }
+                return Arrival::SkipGap(gap.0, gap.1);
+            }
         }
         if seq <= self.submitted {
             self.confirm_due = true;
@@ -209,14 +232,56 @@ pub(crate) type InboundLinks = HashMap<NodeId, InboundLink>;
 mod tests {
     use super::*;
 
+    const H: bus::LinkHead = bus::LinkHead {
+        held_from: 0,
+        prev_epoch: 0,
+        prev_through: 0,
+    };
+
+    #[test]
+    fn a_gap_is_skipped_only_below_the_senders_oldest_held_batch() {
+        // Restored: applied 10, the sender has trimmed through 20.
+        let mut link = InboundLink::new(7, 10);
+        let head = |held_from| bus::LinkHead { held_from, ..H };
+        assert_eq!(
+            link.arrive(7, 22, &head(21)),
+            Arrival::Held,
+            "21 is still held"
+        );
+        assert_eq!(link.arrive(7, 21, &head(21)), Arrival::SkipGap(11, 20));
+        assert_eq!(link.submitted, 21);
+        assert_eq!(link.arrive(7, 12, &head(12)), Arrival::Duplicate);
+        // A gap the sender still holds stays a gap.
+        let mut link = InboundLink::new(7, 10);
+        assert_eq!(link.arrive(7, 13, &head(11)), Arrival::Held);
+    }
+
+    #[test]
+    fn a_restored_senders_new_epoch_continues_where_the_receiver_stands() {
+        let cont = |held_from| bus::LinkHead {
+            held_from,
+            prev_epoch: 7,
+            prev_through: 30,
+        };
+        // Applied 25 of the old epoch: 26..=30 come again, new ones follow.
+        let mut link = InboundLink::new(7, 25);
+        assert_eq!(link.arrive(8, 24, &cont(24)), Arrival::Duplicate);
+        assert_eq!((link.epoch, link.applied), (8, 25));
+        assert_eq!(link.arrive(8, 26, &cont(24)), Arrival::Submit);
+        // Applied 40 (the sender's lost tail): its new 31 is taken.
+        let mut link = InboundLink::new(7, 40);
+        assert_eq!(link.arrive(8, 31, &cont(31)), Arrival::Submit);
+        assert_eq!((link.epoch, link.submitted), (8, 31));
+    }
+
     #[test]
     fn batches_are_taken_in_order_duplicates_recognised_and_gaps_held() {
         let mut link = InboundLink::new(7, 0);
-        assert_eq!(link.arrive(7, 1), Arrival::Submit);
-        assert_eq!(link.arrive(7, 1), Arrival::Duplicate);
-        assert_eq!(link.arrive(7, 3), Arrival::Held);
+        assert_eq!(link.arrive(7, 1, &H), Arrival::Submit);
+        assert_eq!(link.arrive(7, 1, &H), Arrival::Duplicate);
+        assert_eq!(link.arrive(7, 3, &H), Arrival::Held);
         assert!(link.gap_since.is_some());
-        assert_eq!(link.arrive(7, 2), Arrival::Submit);
+        assert_eq!(link.arrive(7, 2, &H), Arrival::Submit);
         assert_eq!(link.submitted, 2);
         assert!(!link.done(7, 1, &LinkResult::Applied));
         assert_eq!(link.applied, 1);
@@ -226,12 +291,12 @@ mod tests {
     #[test]
     fn a_new_epoch_starts_over_only_at_its_first_batch() {
         let mut link = InboundLink::new(7, 40);
-        assert_eq!(link.arrive(8, 5), Arrival::OtherEpoch);
+        assert_eq!(link.arrive(8, 5, &H), Arrival::OtherEpoch);
         assert_eq!(link.epoch, 7, "a stray batch does not switch the epoch");
-        assert_eq!(link.arrive(8, 1), Arrival::Submit);
+        assert_eq!(link.arrive(8, 1, &H), Arrival::Submit);
         assert_eq!((link.epoch, link.applied, link.submitted), (8, 0, 1));
         assert_eq!(
-            link.arrive(7, 41),
+            link.arrive(7, 41, &H),
             Arrival::OtherEpoch,
             "the old epoch is over"
         );
@@ -240,12 +305,12 @@ mod tests {
     #[test]
     fn a_failed_batch_rewinds_to_what_is_applied() {
         let mut link = InboundLink::new(1, 10);
-        assert_eq!(link.arrive(1, 11), Arrival::Submit);
-        assert_eq!(link.arrive(1, 12), Arrival::Submit);
+        assert_eq!(link.arrive(1, 11, &H), Arrival::Submit);
+        assert_eq!(link.arrive(1, 12, &H), Arrival::Submit);
         assert!(link.done(1, 11, &LinkResult::Failed));
         assert_eq!(link.submitted, 10);
         assert_eq!(
-            link.arrive(1, 11),
+            link.arrive(1, 11, &H),
             Arrival::Submit,
             "the redelivery is taken again"
         );
@@ -254,7 +319,7 @@ mod tests {
     #[test]
     fn resends_are_asked_once_the_gap_outlasts_the_patience_and_not_too_often() {
         let mut link = InboundLink::new(1, 0);
-        assert_eq!(link.arrive(1, 2), Arrival::Held);
+        assert_eq!(link.arrive(1, 2, &H), Arrival::Held);
         let t0 = link.gap_since.unwrap();
         assert!(!link.resend_due(t0));
         assert!(link.resend_due(t0 + GAP_PATIENCE));

@@ -116,6 +116,8 @@ struct PeerMetrics {
     redelivered: metrics::Counter,
     duplicates: metrics::Counter,
     requeued: metrics::Counter,
+    /// Gaps skipped because the peer no longer holds them (a restore).
+    gaps_skipped: metrics::Counter,
 }
 
 impl BusMetrics {
@@ -128,7 +130,8 @@ impl BusMetrics {
                     consumed: metrics::counter!("ferry_bus_consumed_total", "peer" => label.clone()),
                     redelivered: metrics::counter!("ferry_bus_redelivered_total", "peer" => label.clone()),
                     duplicates: metrics::counter!("ferry_bus_link_duplicates_total", "peer" => label.clone()),
-                    requeued: metrics::counter!("ferry_bus_requeued_total", "peer" => label),
+                    requeued: metrics::counter!("ferry_bus_requeued_total", "peer" => label.clone()),
+                    gaps_skipped: metrics::counter!("ferry_bus_link_gaps_skipped_total", "peer" => label),
                 };
                 (peer, metrics)
             })
@@ -461,7 +464,8 @@ impl Bus {
         };
         match body {
             BusBody::LinkBatch(batch) => {
-                self.on_link_batch(from, delivery, batch, links, router)
+                let head = envelope.link_head.unwrap_or_default();
+                self.on_link_batch(from, delivery, batch, head, links, router)
                     .await;
             }
             other => {
@@ -527,19 +531,34 @@ impl Bus {
         from: NodeId,
         delivery: Delivery,
         batch: bus::LinkBatch,
+        head: bus::LinkHead,
         links: &mut InboundLinks,
         router: &Weak<Router>,
     ) {
         let link = links.get_mut(&from).expect("checked by the caller");
-        match link.arrive(batch.epoch, batch.seq) {
-            Arrival::Submit => {
-                self.submit_batch(from, delivery, batch, router).await;
+        let arrival = link.arrive(batch.epoch, batch.seq, &head);
+        if let Arrival::SkipGap(first, last) = arrival {
+            tracing::warn!(
+                peer = from,
+                first,
+                last,
+                "link gap skipped: the peer no longer holds these batches, which this node \
+                 had applied and lost with its tail (restored from a backup)"
+            );
+            if let Some(peer) = self.metrics.peer(from) {
+                peer.gaps_skipped.increment(1);
+            }
+        }
+        match arrival {
+            Arrival::Submit | Arrival::SkipGap(..) => {
+                self.submit_batch(from, delivery, batch, head, router).await;
                 loop {
                     let link = links.get_mut(&from).expect("present");
                     let Some((delivery, batch)) = link.next_held() else {
                         break;
                     };
-                    self.submit_batch(from, delivery, batch, router).await;
+                    let head = bus::LinkHead::default();
+                    self.submit_batch(from, delivery, batch, head, router).await;
                 }
             }
             Arrival::Duplicate => {
@@ -575,13 +594,19 @@ impl Bus {
         from: NodeId,
         delivery: Delivery,
         batch: bus::LinkBatch,
+        head: bus::LinkHead,
         router: &Weak<Router>,
     ) {
         let Some(router) = router.upgrade() else {
             return;
         };
         let (epoch, seq) = (batch.epoch, batch.seq);
-        let op = Op::ApplyLink { from, epoch, batch };
+        let op = Op::ApplyLink {
+            from,
+            epoch,
+            batch,
+            head,
+        };
         let reply = Reply::Link(crate::delivery::LinkTag {
             origin: from,
             epoch,

@@ -10,6 +10,11 @@
 //! confirmation came for `resend_after`. Batch bytes are held in memory up
 //! to a bound; beyond it they are read back from the outbox when needed, so
 //! a peer that is down for hours costs disk, not memory.
+//!
+//! Every batch goes out with the link's head appended (`LinkHead`: its
+//! oldest unconfirmed seq now, and the epoch it continues after a restore),
+//! so that a receiver restored from a backup can tell a gap no one can fill
+//! from one the sender will resend (docs/CLUSTER.md §2.6).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferry_nsq::{Producer, PublishError, Topic};
+use ferry_protocol::bus;
 use ferry_storage::{LinkOut, NodeId, Storage};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +100,9 @@ struct LinkState {
 /// The link to one peer.
 pub(crate) struct PeerLink {
     peer: NodeId,
+    /// The epoch this link continues after a restore and the last seq it
+    /// carried over from it (`(0, 0)`: none); sent in every `LinkHead`.
+    prev: (u64, u64),
     topic: Topic,
     state: Mutex<LinkState>,
     wake: Notify,
@@ -115,6 +124,7 @@ impl PeerLink {
         let topic = Topic::new(&super::topic_of(peer)).expect("node topics are valid names");
         let link = PeerLink {
             peer,
+            prev: storage.link_prev(peer)?,
             topic,
             state: Mutex::new(LinkState {
                 confirmed,
@@ -271,8 +281,12 @@ impl Outbound {
     }
 }
 
-/// What a publisher round takes: seqs and their bytes where held.
-fn take_chunk(link: &PeerLink) -> Option<Vec<(u64, Option<Bytes>)>> {
+/// Seqs of a publisher round and their bytes where held.
+type Chunk = Vec<(u64, Option<Bytes>)>;
+
+/// What a publisher round takes, and the link's head (its oldest
+/// unconfirmed seq) as it stands now.
+fn take_chunk(link: &PeerLink) -> Option<(Chunk, bus::LinkHead)> {
     let mut state = link.state.lock().expect("not poisoned");
     if state.next > state.last {
         return None;
@@ -288,7 +302,12 @@ fn take_chunk(link: &PeerLink) -> Option<Vec<(u64, Option<Bytes>)>> {
         .map(|seq| (seq, state.held.get(&seq).cloned()))
         .collect();
     state.next = to + 1;
-    Some(chunk)
+    let head = bus::LinkHead {
+        held_from: state.confirmed + 1,
+        prev_epoch: link.prev.0,
+        prev_through: link.prev.1,
+    };
+    Some((chunk, head))
 }
 
 /// Fills in the bytes of batches no longer held in memory, from the outbox.
@@ -328,7 +347,7 @@ async fn publish_loop(
     let mut failures = 0u32;
     loop {
         housekeeping(&link, &storage, &config).await;
-        let Some(chunk) = take_chunk(&link) else {
+        let Some((chunk, head)) = take_chunk(&link) else {
             tokio::select! {
                 _ = link.wake.notified() => {}
                 _ = tick.tick() => {}
@@ -346,7 +365,7 @@ async fn publish_loop(
                 continue;
             }
         };
-        match publish_chunk(&link, &producer, &batches).await {
+        match publish_chunk(&link, &producer, &batches, &head).await {
             Ok(()) => {
                 failures = 0;
                 if let Some(&(last, _)) = batches.last() {
@@ -377,10 +396,12 @@ async fn publish_chunk(
     link: &PeerLink,
     producer: &Producer,
     batches: &[(u64, Bytes)],
+    head: &bus::LinkHead,
 ) -> Result<(), (u64, PublishError)> {
     let mut receipts = Vec::with_capacity(batches.len());
     for (seq, bytes) in batches {
-        match producer.enqueue(&link.topic, bytes.clone()).await {
+        let bytes = bus::with_link_head(bytes, head);
+        match producer.enqueue(&link.topic, bytes).await {
             Ok(receipt) => receipts.push((*seq, receipt)),
             Err(e) => return Err((*seq, e)),
         }

@@ -204,17 +204,14 @@ impl Worker {
         from: NodeId,
         epoch: u64,
         batch: bus::LinkBatch,
+        head: &bus::LinkHead,
         state: &mut BatchState,
     ) -> Result<Outcome, StorageError> {
-        let (current_epoch, applied) = match self.link_in.get(&from) {
+        let position = match self.link_in.get(&from) {
             Some(v) => *v,
             None => self.storage.link_in_applied(from)?,
         };
-        let applied = if epoch == current_epoch {
-            applied
-        } else if batch.seq == 1 {
-            0 // the sender's data dir was replaced: its link starts over
-        } else {
+        let Some(applied) = link_position(position, epoch, batch.seq, head) else {
             return Ok(Outcome::Link(LinkOutcome::Dropped));
         };
         if batch.seq <= applied {
@@ -295,6 +292,44 @@ impl Worker {
         position.extend_from_slice(&seq.to_be_bytes());
         state.put(cf::META, keys::link_in_key(from), position);
     }
+}
+
+/// Where a link stands for a batch `(epoch, seq)` that arrives with `head`,
+/// given the receiver's persisted `(epoch, applied)`: the seq the batch
+/// must follow (it is applied if it is the next one), or `None` when the
+/// batch belongs to no link this node can take (dropped). docs/CLUSTER.md
+/// §2.6:
+///
+/// - same epoch: the position;
+/// - a new epoch that continues the receiver's (`head.prev_epoch`, the
+///   sender was restored): the smaller of the position and
+///   `head.prev_through` (batches up to it are the same in both epochs);
+/// - another new epoch: 0 (the link starts over), which its first batch
+///   (seq 1, or `head.held_from`) takes;
+///
+/// then, if the batch is `head.held_from` and the position is below it,
+/// `held_from - 1`: the batches in between were confirmed by this node and
+/// trimmed by the sender, and this node lost them with its tail (restored
+/// from a backup). Nothing the sender still holds is ever skipped.
+pub fn link_position(
+    (current_epoch, applied): (u64, u64),
+    epoch: u64,
+    seq: u64,
+    head: &bus::LinkHead,
+) -> Option<u64> {
+    let position = if epoch == current_epoch {
+        applied
+    } else if head.prev_epoch != 0 && head.prev_epoch == current_epoch {
+        applied.min(head.prev_through)
+    } else if seq == 1 || (head.held_from != 0 && seq == head.held_from) {
+        0
+    } else {
+        return None;
+    };
+    if head.held_from != 0 && seq == head.held_from && position + 1 < head.held_from {
+        return Some(head.held_from - 1);
+    }
+    Some(position)
 }
 
 /// A link batch's contents, decoded and checked.

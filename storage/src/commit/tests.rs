@@ -668,6 +668,7 @@ fn apply_op(link: &LinkOut) -> Op {
         from: envelope.from_node as NodeId,
         epoch: batch.epoch,
         batch,
+        head: Default::default(),
     }
 }
 

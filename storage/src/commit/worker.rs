@@ -593,7 +593,12 @@ impl Worker {
             } => self.read(from, to, up_to_msg_id, state),
             Op::Ack { user, device, seq } => self.ack(user, device, seq, state),
             Op::Group { actor, change } => self.group_change(actor, change, state),
-            Op::ApplyLink { from, epoch, batch } => self.apply_link(from, epoch, batch, state),
+            Op::ApplyLink {
+                from,
+                epoch,
+                batch,
+                head,
+            } => self.apply_link(from, epoch, batch, &head, state),
             Op::Revoke {
                 user,
                 device,
