@@ -204,6 +204,11 @@ fn describe_all() {
         "RocksDB's shared block cache in use, memtable reservations included (bounded by storage_memory_mb)"
     );
     describe_gauge!(
+        "ferry_storage_cache_capacity_bytes",
+        Unit::Bytes,
+        "Capacity of RocksDB's shared block cache: storage_memory_mb"
+    );
+    describe_gauge!(
         "ferry_storage_memtable_bytes",
         Unit::Bytes,
         "RocksDB memtables, mutable and being flushed (counted inside ferry_storage_cache_bytes)"
@@ -570,6 +575,7 @@ pub fn render(sessions_online: u64, storage: &ferry_storage::Storage) -> Option<
     HANDLES.sessions_online.set(sessions_online as f64);
     let usage = storage.usage();
     gauge!("ferry_storage_cache_bytes").set(usage.cache_bytes as f64);
+    gauge!("ferry_storage_cache_capacity_bytes").set(usage.cache_capacity_bytes as f64);
     gauge!("ferry_storage_memtable_bytes").set(usage.memtable_bytes as f64);
     gauge!("ferry_storage_table_readers_bytes").set(usage.table_reader_bytes as f64);
     gauge!("ferry_storage_sst_bytes").set(usage.sst_bytes as f64);

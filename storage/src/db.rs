@@ -96,6 +96,8 @@ pub struct StorageUsage {
     /// memtables' reservations. Bounded by the memory budget (RocksDB may
     /// exceed it briefly while blocks are pinned by readers).
     pub cache_bytes: u64,
+    /// The block cache's capacity: the memory budget.
+    pub cache_capacity_bytes: u64,
     /// Memtables, mutable and being flushed (counted inside `cache_bytes`
     /// through their reservations).
     pub memtable_bytes: u64,
@@ -125,6 +127,8 @@ pub struct Storage {
     pub(crate) db: Arc<DB>,
     /// The block cache every column family shares (memtables charged in).
     cache: rocksdb::Cache,
+    /// Its capacity, bytes.
+    cache_capacity: usize,
     pub(crate) groups: RwLock<GroupCache>,
     pub(crate) options: StorageOptions,
     /// Set by [`Storage::close`]: background sweeps stop at their next chunk.
@@ -257,6 +261,7 @@ impl Storage {
         let storage = Storage {
             db: Arc::new(db),
             cache,
+            cache_capacity: budget,
             groups: RwLock::new(GroupCache::new(options.group_cache_members)),
             options,
             closing: AtomicBool::new(false),
@@ -348,6 +353,7 @@ impl Storage {
             .unwrap_or(0);
         StorageUsage {
             cache_bytes: self.cache.get_usage() as u64,
+            cache_capacity_bytes: self.cache_capacity as u64,
             memtable_bytes: memory.as_ref().map_or(0, |m| m.mem_table_total),
             table_reader_bytes: memory.as_ref().map_or(0, |m| m.mem_table_readers_total),
             sst_bytes,
@@ -712,6 +718,7 @@ mod tests {
 
         let usage = storage.usage();
         assert!(usage.sst_bytes > 0, "{usage:?}");
+        assert_eq!(usage.cache_capacity_bytes, budget as u64);
         assert!(
             usage.memtable_bytes <= budget as u64,
             "memtables beyond the budget: {usage:?}"

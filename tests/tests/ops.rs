@@ -785,7 +785,13 @@ async fn metrics_count_connects_sends_and_kicks() {
     // cache accounts for, behind a WAL on disk; nothing flushed yet.
     assert!(get(&m1, "ferry_storage_memtable_bytes") > 0.0);
     assert!(get(&m1, "ferry_storage_cache_bytes") > 0.0);
-    assert!(get(&m1, "ferry_storage_cache_bytes") <= 128.0 * 1024.0 * 1024.0);
+    assert_eq!(
+        get(&m1, "ferry_storage_cache_capacity_bytes"),
+        128.0 * 1024.0 * 1024.0
+    );
+    assert!(
+        get(&m1, "ferry_storage_cache_bytes") <= get(&m1, "ferry_storage_cache_capacity_bytes")
+    );
     assert!(get(&m1, "ferry_storage_wal_bytes") > 0.0);
     assert!(get(&m1, "ferry_storage_table_readers_bytes") >= 0.0);
     assert_eq!(get(&m1, "ferry_storage_sst_bytes"), 0.0);

@@ -27,6 +27,8 @@
 //!   samples after the warm-up (`--warmup`, the first 20 % of the load)
 //!   exceeds `--max-rss-slope` MiB per hour; the raw RSS slope is reported
 //!   beside it;
+//! - that cache, subtracted above, ever held more than its capacity
+//!   (`ferry_storage_cache_capacity_bytes`) plus 10%;
 //! - any stored message was not delivered to each of its recipients, or
 //!   twice (the exactly-once check of `churn`, per group member too);
 //! - the server holds more descriptors after the clients are gone than
@@ -68,10 +70,19 @@ const GAUGES: &[(&str, &str)] = &[
     ("seq_cache", "ferry_commit_seq_cache_entries"),
     ("group_cache", "ferry_group_cache_entries"),
     ("storage_cache", "ferry_storage_cache_bytes"),
+    (
+        "storage_cache_capacity",
+        "ferry_storage_cache_capacity_bytes",
+    ),
     ("memtables", "ferry_storage_memtable_bytes"),
 ];
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// How far RocksDB's cache may exceed its capacity (readers pin blocks;
+/// the memtables' reservations come in 1 MiB steps) before the soak calls
+/// the subtraction from RSS unfounded.
+const CACHE_OVER_CAPACITY: f64 = 1.10;
 
 /// How long one bad-frame connection may take to be answered and closed.
 const BAD_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -326,6 +337,22 @@ pub fn judge(
              sample more often)",
             after.len()
         )),
+    }
+    if let Some(over) = under_load.iter().find(|s| {
+        s.gauges
+            .get("storage_cache_capacity")
+            .copied()
+            .flatten()
+            .is_some_and(|cap| s.storage_cache_mib() * MIB > cap * CACHE_OVER_CAPACITY)
+    }) {
+        failures.push(format!(
+            "RocksDB's cache held {:.1} MiB at {:.0} s, more than its capacity ({:.1} MiB) + \
+             {:.0}%: the RSS it explains is not bounded",
+            over.storage_cache_mib(),
+            over.t_secs,
+            over.gauges["storage_cache_capacity"].unwrap_or(0.0) / MIB,
+            (CACHE_OVER_CAPACITY - 1.0) * 100.0
+        ));
     }
     let (fd0, fd1) = (start.fds.leakable(), end.fds.leakable());
     if fd1 > fd0 + limits.fd_slack {
@@ -1310,6 +1337,26 @@ mod tests {
         let v = judge(&start, &leaking, &end, 3600.0, LIMITS);
         assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
         assert!(v.failures[0].contains("net of RocksDB"), "{:?}", v.failures);
+        // A cache within its capacity passes; one beyond it fails.
+        let capped = |capacity_mib: f64| -> Vec<Sample> {
+            filling
+                .iter()
+                .cloned()
+                .map(|mut s| {
+                    s.gauges
+                        .insert("storage_cache_capacity", Some(capacity_mib * MIB));
+                    s
+                })
+                .collect()
+        };
+        assert!(
+            judge(&start, &capped(128.0), &end, 3600.0, LIMITS)
+                .failures
+                .is_empty()
+        );
+        let v = judge(&start, &capped(64.0), &end, 3600.0, LIMITS);
+        assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
+        assert!(v.failures[0].contains("capacity"), "{:?}", v.failures);
     }
 
     #[test]
