@@ -21,7 +21,7 @@
 //! from `/metrics`, and prints a line. At the end every device syncs to the
 //! end of its inbox and closes; the run fails when
 //!
-//! - the least-squares slope of RSS net of RocksDB's block cache (the
+//! - the Theil–Sen slope (median of pairwise slopes) of RSS net of RocksDB's block cache (the
 //!   `ferry_storage_cache_bytes` gauge: a cache bounded by the server's
 //!   `storage_memory_mb`, which fills for hours as the tables grow) over the
 //!   samples after the warm-up (`--warmup`, the first 20 % of the load)
@@ -129,8 +129,8 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = 0.2)]
     pub warmup: f64,
     /// Fail when the server's RSS, net of RocksDB's bounded block cache,
-    /// grows faster than this after the warm-up, MiB per hour (least-squares
-    /// slope over the samples).
+    /// grows faster than this after the warm-up, MiB per hour (Theil–Sen
+    /// slope over the samples: the median of their pairwise slopes).
     #[arg(long, value_name = "MIB_PER_HOUR", default_value_t = 10.0)]
     pub max_rss_slope: f64,
     /// Fail when the server holds more than this many descriptors more after
@@ -237,11 +237,16 @@ pub struct Limits {
     pub fd_slack: usize,
 }
 
-/// A least-squares line through RSS samples after the warm-up.
+/// A line through RSS samples after the warm-up: Theil–Sen (the median of
+/// the pairwise slopes), with the least-squares slope beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Fit {
-    /// MiB per hour.
+    /// MiB per hour, Theil–Sen: the one judged. A leak raises every later
+    /// sample; a compaction's transient allocations raise a few for a
+    /// minute or two and tilt a least-squares line far more than this.
     pub slope_mib_per_hour: f64,
+    /// MiB per hour, least squares (reported).
+    pub least_squares_mib_per_hour: f64,
     /// RSS of the line at t = 0, MiB.
     pub intercept_mib: f64,
     /// Samples fitted.
@@ -296,6 +301,44 @@ pub fn least_squares(points: &[(f64, f64)]) -> Option<(f64, f64)> {
     Some((my - slope * mx, slope))
 }
 
+/// Most points [`theil_sen`] takes (evenly spaced): 2,000 make 2 M pairs.
+const THEIL_SEN_MAX_POINTS: usize = 2000;
+
+/// `(intercept, slope)` of the Theil–Sen line through `points`: the slope is
+/// the median of the slopes between every two points (of at most
+/// [`THEIL_SEN_MAX_POINTS`], evenly spaced), the intercept the median of
+/// `y - slope * x`. Robust to outliers: up to ~29% of the points can be
+/// anywhere without moving it far. `None` for fewer than 2 distinct x.
+pub fn theil_sen(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let step = points.len().div_ceil(THEIL_SEN_MAX_POINTS).max(1);
+    let pts: Vec<(f64, f64)> = points.iter().copied().step_by(step).collect();
+    let mut slopes = Vec::with_capacity(pts.len() * pts.len().saturating_sub(1) / 2);
+    for (i, a) in pts.iter().enumerate() {
+        for b in &pts[i + 1..] {
+            let dx = b.0 - a.0;
+            if dx.abs() > f64::EPSILON {
+                slopes.push((b.1 - a.1) / dx);
+            }
+        }
+    }
+    let slope = median(&mut slopes)?;
+    let mut offsets: Vec<f64> = pts.iter().map(|p| p.1 - slope * p.0).collect();
+    Some((median(&mut offsets)?, slope))
+}
+
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
 /// Judges memory and descriptors: `under_load` are the samples taken while
 /// the load ran (`t_secs` in `0..=load_secs`), `start` the one before any
 /// client, `end` the one after the clients are gone.
@@ -314,11 +357,13 @@ pub fn judge(
         .collect();
     let fit_of = |rss: fn(&Sample) -> f64| {
         let points: Vec<(f64, f64)> = after.iter().map(|s| (s.t_secs / 3600.0, rss(s))).collect();
+        let ls = least_squares(&points)?.1;
         (points.len() >= 3)
-            .then(|| least_squares(&points))
+            .then(|| theil_sen(&points))
             .flatten()
             .map(|(intercept, slope)| Fit {
                 slope_mib_per_hour: slope,
+                least_squares_mib_per_hour: ls,
                 intercept_mib: intercept,
                 points: points.len(),
                 from_secs,
@@ -327,9 +372,14 @@ pub fn judge(
     let fit = fit_of(Sample::rss_net_mib);
     match fit {
         Some(f) if f.slope_mib_per_hour > limits.max_rss_slope => failures.push(format!(
-            "server RSS net of RocksDB's block cache grew {:.1} MiB/h after the warm-up (least \
-             squares over {} samples from {:.0} s), more than the {:.1} MiB/h allowed",
-            f.slope_mib_per_hour, f.points, f.from_secs, limits.max_rss_slope
+            "server RSS net of RocksDB's block cache grew {:.1} MiB/h after the warm-up \
+             (Theil-Sen over {} samples from {:.0} s; least squares {:.1}), more than the {:.1} \
+             MiB/h allowed",
+            f.slope_mib_per_hour,
+            f.points,
+            f.from_secs,
+            f.least_squares_mib_per_hour,
+            limits.max_rss_slope
         )),
         Some(_) => {}
         None => failures.push(format!(
@@ -982,8 +1032,13 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
         "RSS net of the db cache: slope after warm-up",
         verdict.fit.map_or("n/a".into(), |f| {
             format!(
-                "{:+.2} MiB/h over {} samples from {:.0} s (limit {:.1})",
-                f.slope_mib_per_hour, f.points, f.from_secs, args.max_rss_slope
+                "{:+.2} MiB/h (Theil-Sen; least squares {:+.2}) over {} samples from {:.0} s \
+                 (limit {:.1})",
+                f.slope_mib_per_hour,
+                f.least_squares_mib_per_hour,
+                f.points,
+                f.from_secs,
+                args.max_rss_slope
             )
         }),
     )
@@ -992,8 +1047,8 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
         format!(
             "{} / {:.1} MiB",
             verdict.raw_fit.map_or("n/a".into(), |f| format!(
-                "{:+.2} MiB/h",
-                f.slope_mib_per_hour
+                "{:+.2} MiB/h (least squares {:+.2})",
+                f.slope_mib_per_hour, f.least_squares_mib_per_hour
             )),
             verdict.storage_cache_peak_mib
         ),
@@ -1153,7 +1208,7 @@ fn plot(
                 RED.stroke_width(2),
             ))?
             .label(format!(
-                "least-squares fit of the net RSS: {:+.2} MiB/h (limit {:.1})",
+                "Theil-Sen fit of the net RSS: {:+.2} MiB/h (limit {:.1})",
                 f.slope_mib_per_hour, limits.max_rss_slope
             ))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
@@ -1357,6 +1412,35 @@ mod tests {
         let v = judge(&start, &capped(64.0), &end, 3600.0, LIMITS);
         assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
         assert!(v.failures[0].contains("capacity"), "{:?}", v.failures);
+    }
+
+    #[test]
+    fn theil_sen_ignores_a_transient_spike_but_not_a_leak() {
+        let (a, b) = theil_sen(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0), (3.0, 7.0)]).unwrap();
+        assert!((a - 1.0).abs() < 1e-9 && (b - 2.0).abs() < 1e-9);
+        assert!(theil_sen(&[(1.0, 1.0), (1.0, 2.0)]).is_none());
+        let start = sample(-5.0, 40.0, fds(3, 10, 0, 5));
+        let end = sample(3700.0, 100.0, fds(3, 10, 0, 5));
+        // Flat at 100 MiB but for a compaction's 80 MiB for 5 minutes at 50 min.
+        let spike = |t: f64| {
+            if (3000.0..3300.0).contains(&t) {
+                80.0
+            } else {
+                0.0
+            }
+        };
+        let s = run(600.0, |t| 100.0 + spike(t));
+        let v = judge(&start, &s, &end, 3600.0, LIMITS);
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        let f = v.fit.unwrap();
+        assert!(f.slope_mib_per_hour.abs() < 1e-9, "{f:?}");
+        // Least squares alone would have failed the run.
+        assert!(f.least_squares_mib_per_hour > 10.0, "{f:?}");
+        // A 20 MiB/h leak with the same spike still fails.
+        let s = run(600.0, |t| 100.0 + 20.0 * t / 3600.0 + spike(t));
+        let v = judge(&start, &s, &end, 3600.0, LIMITS);
+        assert!((v.fit.unwrap().slope_mib_per_hour - 20.0).abs() < 1.0);
+        assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
     }
 
     #[test]
