@@ -192,8 +192,8 @@ impl Storage {
         // write buffer manager each its own memtables (7 × 2 × 32 MiB).
         let budget = options.memory_budget_bytes.max(MIN_MEMORY_BUDGET_BYTES);
         let cache = rocksdb::Cache::new_lru_cache(budget);
-        // No stall: a full budget flushes the largest memtable, it never
-        // blocks the committer.
+        // No stall: past its half of the budget RocksDB flushes the column
+        // family with the oldest memtable; it never blocks the committer.
         let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
             budget / 2,
             false,
