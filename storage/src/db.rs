@@ -715,6 +715,12 @@ mod tests {
         fill(&storage, cf::MSGS, 2 * budget);
         fill(&storage, cf::INBOX, 2 * budget);
         storage.db.flush_wal(true).unwrap();
+        // The writes only schedule the flushes that bring the memtables back
+        // under the budget (the manager never stalls a writer): wait for
+        // them, as a busy machine may not have run them yet.
+        let mut settled = rocksdb::WaitForCompactOptions::default();
+        settled.set_timeout(60_000_000);
+        storage.db.wait_for_compact(&settled).unwrap();
 
         let usage = storage.usage();
         assert!(usage.sst_bytes > 0, "{usage:?}");
