@@ -61,6 +61,7 @@ use crate::ip_limits::IpSlot;
 use crate::metrics as m;
 use crate::server::{PendingAuth, ServerState};
 use crate::tls::{HandshakeFailure, TLS_HANDSHAKE_RECORD, TlsAcceptor};
+use crate::wheel::TimerKey;
 
 /// Bytes read per read call when nothing larger is pending.
 const READ_CHUNK: usize = 4096;
@@ -321,7 +322,11 @@ async fn serve<R: ReadSide, W: AsyncWrite + Unpin + Send + 'static>(
     }
     m::authenticated();
     info!(?peer, user = %conn.user(), device = %conn.device(), id = conn.id(), "connection open");
-    let timer = shared.heartbeat.register(conn.clone());
+    let logged_in = LoggedIn {
+        shared: &shared,
+        timer: shared.heartbeat.register(conn.clone()),
+        conn: conn.clone(),
+    };
     if shared.shutdown.is_cancelled() {
         // Shutdown began while we authenticated; the shutdown sweep may
         // have missed us.
@@ -346,11 +351,40 @@ async fn serve<R: ReadSide, W: AsyncWrite + Unpin + Send + 'static>(
         }
         _ => CloseReason::Disconnected,
     };
-    shared.heartbeat.unregister(timer, &conn);
-    shared.router.logout(&conn);
-    shared.last_seen.record(conn.user(), ferry_router::now_ms());
+    drop(logged_in);
     m::connection_closed(close_reason);
     info!(?peer, user = %conn.user(), device = %conn.device(), id = conn.id(), reason = ?close_reason, "connection closed");
+}
+
+/// What a logged-in connection holds in the server: its session in the
+/// router and its heartbeat timer. Dropping it gives both back, and so also
+/// when the task serving the connection panics: a bug in one connection's
+/// handling must not leave a session that fan-out keeps queueing to, nor a
+/// writer task holding the socket open.
+struct LoggedIn<'a> {
+    shared: &'a ServerState,
+    conn: Arc<Conn>,
+    timer: TimerKey,
+}
+
+impl Drop for LoggedIn<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The reader is gone: let the writer tell the client and end.
+            self.conn.close(
+                CloseReason::Code(ErrorCode::Internal),
+                Some(Frame::closing_error(
+                    ErrorCode::Internal,
+                    "server fault; reconnect",
+                )),
+            );
+        }
+        self.shared.heartbeat.unregister(self.timer, &self.conn);
+        self.shared.router.logout(&self.conn);
+        self.shared
+            .last_seen
+            .record(self.conn.user(), ferry_router::now_ms());
+    }
 }
 
 struct AuthRequest {
@@ -805,4 +839,108 @@ async fn linger_read<R: ReadSide>(read: &mut R) {
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport that hands over `first` on its first read and then
+    /// panics, standing in for a bug anywhere in a logged-in connection's
+    /// handling.
+    struct PanicsAfterFirstRead {
+        first: Option<Vec<u8>>,
+    }
+
+    impl AsyncRead for PanicsAfterFirstRead {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ReadSide for PanicsAfterFirstRead {
+        async fn read_some(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+            let first = self
+                .first
+                .take()
+                .expect("a bug in the connection's handling");
+            buf.extend_from_slice(&first);
+            Ok(first.len())
+        }
+    }
+
+    /// A panic while serving a logged-in connection gives back its session
+    /// and heartbeat timer, and the client is told INTERNAL and closed.
+    #[tokio::test]
+    async fn a_panicking_connection_task_leaves_no_session_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        };
+        let router = crate::open_router(&config).unwrap();
+        let verifier = config.token_verifier(b"a test secret of enough bytes");
+        let token = verifier.mint("alice", None, 600);
+        let server = crate::Server::new(config, router.clone(), verifier);
+        let shared = server.state().clone();
+
+        let auth = Frame::from(proto::Auth {
+            token,
+            device_id: "phone".into(),
+            protocol_version: ferry_protocol::PROTOCOL_VERSION as i32,
+            ..Default::default()
+        });
+        let mut first = BytesMut::new();
+        FrameCodec::new(shared.config.max_frame_bytes as usize)
+            .encode_frame(&auth, &mut first)
+            .unwrap();
+        let read = PanicsAfterFirstRead {
+            first: Some(first.to_vec()),
+        };
+        // The client's end reads to EOF once the writer task is gone.
+        let (mut client, server_end) = tokio::io::duplex(64 << 10);
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let pending = PendingAuth::new(shared.pending_auth.clone().try_acquire_owned().unwrap());
+        let ip_slot = shared
+            .ip_limits
+            .admit(peer.ip(), shared.clock.now())
+            .unwrap();
+        let deadline = auth_deadline(&shared);
+
+        let task = tokio::spawn(serve(
+            shared.clone(),
+            read,
+            server_end,
+            peer,
+            pending,
+            ip_slot,
+            deadline,
+        ));
+        assert!(task.await.unwrap_err().is_panic());
+
+        assert_eq!(router.sessions().online(), 0, "session left registered");
+        assert_eq!(shared.heartbeat.watched(), 0, "heartbeat timer left");
+        // The writer task sends the closing error and ends.
+        let mut sent = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut sent))
+            .await
+            .expect("the writer task still holds the connection")
+            .unwrap();
+        let codec = FrameCodec::new(shared.config.max_frame_bytes as usize);
+        let mut sent = BytesMut::from(&sent[..]);
+        let mut last = None;
+        while let Some(raw) = codec.decode_raw(&mut sent).unwrap() {
+            last = Frame::decode(raw).unwrap().body;
+        }
+        let Some(Body::Error(error)) = last else {
+            panic!("the last frame is not an error: {last:?}");
+        };
+        assert_eq!(error.code, ErrorCode::Internal as i32);
+        assert!(error.closing);
+        router.shutdown().await;
+    }
 }

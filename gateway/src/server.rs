@@ -128,6 +128,12 @@ impl Heartbeat {
         self.lock().insert(conn, deadline)
     }
 
+    /// How many connections are watched (for tests).
+    #[cfg(test)]
+    pub(crate) fn watched(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Stops watching `conn`. The key may have been reused if the heartbeat
     /// task already expired it, so the connection id is checked.
     pub(crate) fn unregister(&self, key: TimerKey, conn: &Conn) {
@@ -196,7 +202,7 @@ pub(crate) struct PendingAuth {
 }
 
 impl PendingAuth {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(permit: OwnedSemaphorePermit) -> Self {
         m::pending_auth(1.0);
         PendingAuth { _permit: permit }
     }
@@ -317,6 +323,12 @@ impl Server {
     /// The router (for the ops API and tests).
     pub fn router(&self) -> &Arc<Router> {
         &self.shared.router
+    }
+
+    /// What its connection tasks share (for the crate's tests).
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> &Arc<ServerState> {
+        &self.shared
     }
 
     /// Serves clients on `listener` and ops HTTP on `http` until `shutdown`

@@ -402,6 +402,25 @@ enum Delivery<T> {
     Stop(oneshot::Sender<()>),
 }
 
+/// Aborts the process when the thread it lives on unwinds. Without its
+/// committer or delivery thread a node stores and delivers nothing while
+/// still looking alive (its connections stay open, its sends fail): better
+/// that it ends, so that its supervisor restarts it and its clients
+/// reconnect. Nothing is lost: an op is acknowledged only once durable.
+struct AbortOnPanic(&'static str);
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                thread = self.0,
+                "thread panicked (the panic message is above): aborting the process"
+            );
+            std::process::abort();
+        }
+    }
+}
+
 /// Submits ops to the committer thread.
 pub struct Committer<T> {
     tx: mpsc::Sender<Request<T>>,
@@ -443,11 +462,15 @@ impl<T: Send + 'static> Committer<T> {
         let (deliver_tx, deliver_rx) = std::sync::mpsc::sync_channel(DELIVERY_QUEUE_BATCHES);
         std::thread::Builder::new()
             .name("ferry-deliver".into())
-            .spawn(move || deliver(deliver_rx, sink))
+            .spawn(move || {
+                let _abort = AbortOnPanic("ferry-deliver");
+                deliver(deliver_rx, sink)
+            })
             .map_err(|e| StorageError::Io(e.to_string()))?;
         std::thread::Builder::new()
             .name("ferry-commit".into())
             .spawn(move || {
+                let _abort = AbortOnPanic("ferry-commit");
                 let stopped = worker.run(rx, deliver_tx);
                 // Storage goes before the stop is confirmed.
                 drop(worker);

@@ -812,3 +812,45 @@ fn a_link_batch_pushes_each_users_entries_in_seq_order() {
         "bob's entries pushed out of order: {bob:?}"
     );
 }
+
+/// A panic on the delivery thread (here: in the sink) ends the process
+/// instead of leaving a node that takes no writes while looking alive. The
+/// test runs itself again as a child that starts a committer whose sink
+/// panics, and checks that the child died of SIGABRT.
+#[test]
+fn a_panicking_delivery_thread_aborts_the_process() {
+    const CHILD: &str = "FERRY_TEST_PANICKING_SINK";
+    if std::env::var_os(CHILD).is_some() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let committer =
+            Committer::start(storage, CommitOptions::default(), |_: Vec<((), _)>, _| {
+                panic!("sink bug")
+            })
+            .unwrap();
+        committer
+            .blocking_submit(send("alice", 1, "bob"), ())
+            .unwrap();
+        // Without the abort, the stop fails (the delivery thread is gone)
+        // or returns, and the child exits with a code instead of a signal.
+        let stopped = committer.blocking_stop();
+        std::process::exit(if stopped.is_ok() { 0 } else { 3 });
+    }
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "commit::tests::a_panicking_delivery_thread_aborts_the_process",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        child.status.signal(),
+        Some(6),
+        "the child was not aborted: {:?}\n{}",
+        child.status,
+        String::from_utf8_lossy(&child.stderr)
+    );
+}
