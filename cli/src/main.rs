@@ -254,6 +254,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "cannot read or raise the open-file limit"),
     }
 
+    match ferry_gateway::huge_pages::disable() {
+        Ok(true) => info!("transparent huge pages turned off for this process"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "cannot turn transparent huge pages off"),
+    }
+
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let (secret, source) = load_or_create_secret(config.jwt_secret.as_deref(), &config.data_dir)

@@ -29,6 +29,7 @@ pub mod backup_files;
 pub mod config;
 mod connection;
 mod http;
+pub mod huge_pages;
 pub mod ip_limits;
 pub mod log_output;
 pub mod metrics;
