@@ -250,32 +250,59 @@ impl FerryServer {
 }
 
 /// A throwaway CA and a server certificate it signs for `localhost` and
-/// `127.0.0.1` (rcgen, made now; the key never leaves the temp dir):
-/// the directory, the CA's PEM for the clients, and the server flags.
-pub fn throwaway_tls() -> anyhow::Result<(tempfile::TempDir, String, Vec<String>)> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "ferry-bench throwaway CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
-    let leaf_key = KeyPair::generate()?;
-    let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
-        .signed_by(&leaf_key, &ca)?;
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bench-tls-")
-        .tempdir()
-        .context("creating the certificate's temporary directory")?;
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, leaf.pem())?;
-    std::fs::write(&key, leaf_key.serialize_pem())?;
-    let flags = vec![
-        "--tls-listen=127.0.0.1:0".to_owned(),
-        format!("--tls-cert={}", cert.display()),
-        format!("--tls-key={}", key.display()),
-    ];
-    Ok((dir, ca.pem(), flags))
+/// `127.0.0.1` (rcgen, made now; the key never leaves the temp dir, which
+/// is removed on drop).
+pub struct ThrowawayTls {
+    dir: tempfile::TempDir,
+    /// The CA's PEM, for the clients to trust.
+    pub ca_pem: String,
+}
+
+impl ThrowawayTls {
+    /// Makes the CA and the certificate.
+    pub fn new() -> anyhow::Result<ThrowawayTls> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ferry-bench throwaway CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        let leaf_key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+            .signed_by(&leaf_key, &ca)?;
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-bench-tls-")
+            .tempdir()
+            .context("creating the certificate's temporary directory")?;
+        let tls = ThrowawayTls {
+            dir,
+            ca_pem: ca.pem(),
+        };
+        std::fs::write(tls.cert_path(), leaf.pem())?;
+        std::fs::write(tls.key_path(), leaf_key.serialize_pem())?;
+        Ok(tls)
+    }
+
+    /// The server's certificate chain (PEM).
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    /// The server's private key (PEM).
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+
+    /// The `ferry serve` flags for a TLS listener on a free loopback port,
+    /// beside the plain one.
+    pub fn server_flags(&self) -> Vec<String> {
+        vec![
+            "--tls-listen=127.0.0.1:0".to_owned(),
+            format!("--tls-cert={}", self.cert_path().display()),
+            format!("--tls-key={}", self.key_path().display()),
+        ]
+    }
 }
 
 /// The last `n` lines of a file, for error messages.

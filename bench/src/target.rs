@@ -95,7 +95,8 @@ pub struct HarnessArgs {
     pub ping_secs: u64,
     /// Connect with TLS. With --spawn the harness makes a throwaway CA and a
     /// certificate for localhost/127.0.0.1 (rcgen) and starts the server with a
-    /// TLS port; with --server give --ca (and --server-name if needed).
+    /// TLS port; with --spawn-cluster every node serves clients on TLS only, at
+    /// its client address; with --server give --ca (and --server-name if needed).
     #[arg(long)]
     pub tls: bool,
     /// With --tls --server: PEM file of the CA(s) to trust.
@@ -129,8 +130,8 @@ pub struct Target {
     pub run_id: String,
     /// With --tls: what clients trust.
     pub tls: Option<crate::clients::FleetTls>,
-    /// With --spawn --tls: the directory of the throwaway certificate.
-    _tls_dir: Option<tempfile::TempDir>,
+    /// With --spawn(-cluster) --tls: the throwaway certificate.
+    _tls_dir: Option<crate::spawn::ThrowawayTls>,
 }
 
 impl Target {
@@ -162,13 +163,13 @@ impl Target {
             };
             let mut args = spawn_args(common);
             if common.harness.tls {
-                let (dir, ca_pem, flags) = crate::spawn::throwaway_tls()?;
-                args.extend(flags);
+                let throwaway = crate::spawn::ThrowawayTls::new()?;
+                args.extend(throwaway.server_flags());
                 tls = Some(crate::clients::FleetTls {
-                    ca_pem,
+                    ca_pem: throwaway.ca_pem.clone(),
                     server_name: common.harness.server_name.clone(),
                 });
-                tls_dir = Some(dir);
+                tls_dir = Some(throwaway);
             }
             let server = FerryServer::spawn(&bin, common.work_dir.as_deref(), &args).await?;
             eprintln!(
@@ -231,10 +232,6 @@ impl Target {
 
     /// `--spawn-cluster n`: nsqd and n nodes, every one watched.
     async fn open_cluster(common: &CommonArgs, n: u16, run_id: String) -> anyhow::Result<Target> {
-        anyhow::ensure!(
-            !common.harness.tls,
-            "--tls is not supported with --spawn-cluster (use --spawn or --server)"
-        );
         let bin = match &common.ferry_bin {
             Some(b) => b.clone(),
             None => default_ferry_bin()?,
@@ -242,6 +239,12 @@ impl Target {
         let nsqd = NsqdKind::choose(common.nsqd_bin.as_deref(), common.nsqd_double)?;
         eprintln!("cluster: the bus runs on {}", nsqd.describe());
         let args = spawn_args(common);
+        // With --tls every node serves clients on TLS only, at the client
+        // address the node map (and so every redirect) gives.
+        let throwaway = match common.harness.tls {
+            true => Some(crate::spawn::ThrowawayTls::new()?),
+            false => None,
+        };
         let cluster = LocalCluster::spawn(
             n,
             &bin,
@@ -249,8 +252,13 @@ impl Target {
             &args,
             nsqd,
             common.entry,
+            throwaway.as_ref(),
         )
         .await?;
+        let tls = throwaway.as_ref().map(|t| crate::clients::FleetTls {
+            ca_pem: t.ca_pem.clone(),
+            server_name: common.harness.server_name.clone(),
+        });
         let first = &cluster.map.nodes()[0];
         let (addr, ops) = (first.client, first.ops);
         eprintln!(
@@ -266,6 +274,9 @@ impl Target {
             );
         }
         check_source_ips(common, addr)?;
+        if let Some(tls) = &tls {
+            crate::clients::use_tls(tls)?;
+        }
         let sampler = Sampler::start(Watched {
             server: None,
             harness: vec![std::process::id()],
@@ -282,8 +293,8 @@ impl Target {
             cluster: Some(cluster),
             sampler,
             run_id,
-            tls: None,
-            _tls_dir: None,
+            tls,
+            _tls_dir: throwaway,
         })
     }
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 use ferry_cluster::{Node, NodeId, Placement};
 use ferry_nsqd_double::{DoubleConfig, NsqdDouble};
 
-use crate::{ServerProcess, http, within};
+use ferry_protocol::client::Client;
+
+use crate::{ServerProcess, TEST_SECRET, http, within};
 
 /// Ports free right now, never handed out before in this process. The
 /// nodes must know each other's addresses before any of them starts, so
@@ -193,6 +195,23 @@ impl TestCluster {
             .map(|i| format!("{prefix}-{i}"))
             .find(|g| self.owner(g) == node)
             .expect("some id lands on every node")
+    }
+
+    /// A token for `user`, signed with the secret every node verifies.
+    pub fn token(&self, user: &str) -> String {
+        ferry_gateway::auth::TokenVerifier::new(TEST_SECRET.as_bytes()).mint(user, None, 3600)
+    }
+
+    /// A connection to `user`'s home node (dialled directly), logged in as
+    /// `device` from `last_seq`; checks that the home node answered.
+    pub async fn login_home(&self, user: &str, device: &str, last_seq: u64) -> Client {
+        let home = self.home(user);
+        let mut client = Client::connect(self.addr(home)).await.expect("connect");
+        let ok = within(client.authenticate(&self.token(user), device, last_seq))
+            .await
+            .expect("auth at home");
+        assert_eq!(ok.node_id, home.to_string(), "not logged in at home");
+        client
     }
 
     /// Node `id`'s client address.

@@ -136,7 +136,6 @@ impl TestServer {
         Client::from_stream(stream, ferry_protocol::FrameCodec::default())
     }
 
-    /// Stops the server (graceful shutdown) and waits for it.
     /// Logs `user` in, retrying while the server answers
     /// `TOO_MANY_CONNECTIONS` (a slot frees when a closed connection is
     /// cleaned up, which the test cannot observe directly).
@@ -153,6 +152,7 @@ impl TestServer {
         .await
     }
 
+    /// Stops the server (graceful shutdown) and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

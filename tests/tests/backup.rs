@@ -345,17 +345,6 @@ async fn receive_exactly(
     last_seq
 }
 
-/// Logs `user` in on its home node as `device` from `last_seq`.
-async fn login_home(cluster: &ferry_e2e::cluster::TestCluster, user: &str, device: &str) -> Client {
-    let mut client = Client::connect(cluster.addr(cluster.home(user)))
-        .await
-        .expect("connect");
-    within(client.authenticate(&token(user), device, 0))
-        .await
-        .expect("auth at home");
-    client
-}
-
 /// Restoring one node of a cluster (docs/OPERATIONS.md "Backups and
 /// restore", docs/CLUSTER.md §2.6): node 1 is backed up, more messages
 /// cross in both directions (its peers then hold nothing it confirmed),
@@ -371,9 +360,9 @@ async fn a_restored_cluster_node_links_with_its_peers_again_both_ways() {
     let r_user = cluster.user_on(1, "rita");
     let x_user = cluster.user_on(2, "xavi");
     let y_user = cluster.user_on(3, "yuki");
-    let mut r = login_home(&cluster, &r_user, "phone").await;
-    let mut x = login_home(&cluster, &x_user, "phone").await;
-    let mut y = login_home(&cluster, &y_user, "phone").await;
+    let mut r = cluster.login_home(&r_user, "phone", 0).await;
+    let mut x = cluster.login_home(&x_user, "phone", 0).await;
+    let mut y = cluster.login_home(&y_user, "phone", 0).await;
     let (mut r_seq, mut x_seq, mut y_seq) = (0, 0, 0);
 
     // Before the backup: both ways, delivered live.
@@ -432,7 +421,7 @@ async fn a_restored_cluster_node_links_with_its_peers_again_both_ways() {
 
     // Everything acked before the backup is readable on the restored node,
     // once; what came after it is gone.
-    let mut r = login_home(&cluster, &r_user, "tablet").await;
+    let mut r = cluster.login_home(&r_user, "tablet", 0).await;
     let r_seq = receive_exactly(&mut r, 0, &before_r, &lost_r).await;
 
     // Into the restored node, live, from both peers.
@@ -447,21 +436,21 @@ async fn a_restored_cluster_node_links_with_its_peers_again_both_ways() {
     receive_exactly(&mut y, y_seq, &new_r_to_y, &[]).await;
 
     // And by sync: fresh devices read every inbox whole, each message once.
-    let mut x2 = login_home(&cluster, &x_user, "tablet").await;
+    let mut x2 = cluster.login_home(&x_user, "tablet", 0).await;
     let all_x: Vec<u64> = [&r_to_x, &lost_r_to_x, &new_r_to_x]
         .into_iter()
         .flatten()
         .copied()
         .collect();
     receive_exactly(&mut x2, 0, &all_x, &[]).await;
-    let mut y2 = login_home(&cluster, &y_user, "tablet").await;
+    let mut y2 = cluster.login_home(&y_user, "tablet", 0).await;
     let all_y: Vec<u64> = [&r_to_y, &lost_r_to_y, &new_r_to_y]
         .into_iter()
         .flatten()
         .copied()
         .collect();
     receive_exactly(&mut y2, 0, &all_y, &[]).await;
-    let mut r2 = login_home(&cluster, &r_user, "laptop").await;
+    let mut r2 = cluster.login_home(&r_user, "laptop", 0).await;
     let all_r: Vec<u64> = before_r.iter().chain(&new_r).copied().collect();
     receive_exactly(&mut r2, 0, &all_r, &lost_r).await;
 }

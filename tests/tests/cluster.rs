@@ -11,10 +11,6 @@ use ferry_e2e::*;
 use ferry_protocol::client::Client;
 use ferry_protocol::proto::{self, frame::Body};
 
-fn token(user: &str) -> String {
-    ferry_gateway::auth::TokenVerifier::new(TEST_SECRET.as_bytes()).mint(user, None, 600)
-}
-
 fn direct(peer: &str) -> Option<proto::Conversation> {
     Some(proto::Conversation {
         kind: proto::ConversationKind::Direct as i32,
@@ -36,18 +32,6 @@ fn send(to: Option<proto::Conversation>, cid: u64, body: &str) -> proto::Send {
         content_type: "text/plain".into(),
         body: body.as_bytes().to_vec().into(),
     }
-}
-
-/// Logs `user` in on its home node (directly) from `last_seq`.
-async fn login(cluster: &TestCluster, user: &str, device: &str, last_seq: u64) -> Client {
-    let mut client = Client::connect(cluster.addr(cluster.home(user)))
-        .await
-        .expect("connect");
-    let ok = within(client.authenticate(&token(user), device, last_seq))
-        .await
-        .expect("auth at home");
-    assert_eq!(ok.node_id, cluster.home(user).to_string());
-    client
 }
 
 /// Reads entries (live `Deliver`s and sync pages) until `n` message
@@ -101,9 +85,9 @@ async fn direct_messages_cross_nodes_online_and_offline() {
     let cluster = TestCluster::start(3).await;
     let alice = cluster.user_on(1, "alice");
     let bob = cluster.user_on(2, "bob");
-    let mut a = login(&cluster, &alice, "phone", 0).await;
-    let mut a2 = login(&cluster, &alice, "tablet", 0).await;
-    let mut b = login(&cluster, &bob, "phone", 0).await;
+    let mut a = cluster.login_home(&alice, "phone", 0).await;
+    let mut a2 = cluster.login_home(&alice, "tablet", 0).await;
+    let mut b = cluster.login_home(&bob, "phone", 0).await;
 
     // Online: each acked message reaches bob's node and his phone, in order.
     for i in 1..=20u64 {
@@ -143,7 +127,7 @@ async fn direct_messages_cross_nodes_online_and_offline() {
         }
     })
     .await;
-    let mut b = login(&cluster, &bob, "phone", 20).await;
+    let mut b = cluster.login_home(&bob, "phone", 20).await;
     let later = messages(&mut b, 20, 10).await;
     assert_eq!(
         bodies(&later),
@@ -169,7 +153,7 @@ async fn a_device_that_followed_a_redirect_gets_its_messages_beside_its_other_de
     // Bob's phone dials node 3 and follows the redirect to node 2.
     let login3 = within(Client::connect_and_authenticate(
         &cluster.addr(3).to_string(),
-        &token(&bob),
+        &cluster.token(&bob),
         "phone",
         0,
     ))
@@ -178,8 +162,8 @@ async fn a_device_that_followed_a_redirect_gets_its_messages_beside_its_other_de
     assert_eq!(login3.redirects, 1);
     assert_eq!(login3.auth_ok.node_id, "2");
     let mut phone = login3.client;
-    let mut tablet = login(&cluster, &bob, "tablet", 0).await;
-    let mut a = login(&cluster, &alice, "phone", 0).await;
+    let mut tablet = cluster.login_home(&bob, "tablet", 0).await;
+    let mut a = cluster.login_home(&alice, "phone", 0).await;
     for i in 1..=5u64 {
         a.send(send(direct(&bob), i, &format!("m{i}")))
             .await
@@ -197,7 +181,7 @@ async fn a_duplicated_bus_delivery_makes_one_inbox_entry() {
     let alice = cluster.user_on(1, "alice");
     let bob = cluster.user_on(2, "bob");
     cluster.nsqd.set_duplicate_delivery(true);
-    let mut a = login(&cluster, &alice, "phone", 0).await;
+    let mut a = cluster.login_home(&alice, "phone", 0).await;
     for i in 1..=10u64 {
         a.send(send(direct(&bob), i, &format!("m{i}")))
             .await
@@ -211,7 +195,7 @@ async fn a_duplicated_bus_delivery_makes_one_inbox_entry() {
     })
     .await;
     cluster.nsqd.set_duplicate_delivery(false);
-    let mut b = login(&cluster, &bob, "phone", 0).await;
+    let mut b = cluster.login_home(&bob, "phone", 0).await;
     let got = messages(&mut b, 0, 10).await;
     assert_eq!(
         bodies(&got),
@@ -235,8 +219,8 @@ async fn survive<'a>(
 ) -> Survived<'a> {
     let alice = cluster.user_on(1, "alice");
     let bob = cluster.user_on(2, "bob");
-    let mut a = login(cluster, &alice, "phone", 0).await;
-    let b = login(cluster, &bob, "phone", 0).await;
+    let mut a = cluster.login_home(&alice, "phone", 0).await;
+    let b = cluster.login_home(&bob, "phone", 0).await;
     let mut fault = Some(fault);
     for i in 1..=n {
         a.send(send(direct(&bob), i, &format!("m{i}")))
@@ -312,7 +296,7 @@ async fn a_node_killed_with_batches_in_its_outbox_publishes_them_after_restart()
     // What alice's node publishes now is held by nsqd for a minute, then
     // lost with the crash: only alice's outbox still has it.
     cluster.nsqd.set_delivery_delay(Duration::from_secs(60));
-    let mut a = login(&cluster, &alice, "phone", 0).await;
+    let mut a = cluster.login_home(&alice, "phone", 0).await;
     for i in 1..=50u64 {
         a.send(send(direct(&bob), i, &format!("m{i}")))
             .await
@@ -324,14 +308,14 @@ async fn a_node_killed_with_batches_in_its_outbox_publishes_them_after_restart()
     cluster.nsqd.crash();
     cluster.nsqd.set_delivery_delay(Duration::ZERO);
     cluster.restart(1).await;
-    let mut b = login(&cluster, &bob, "phone", 0).await;
+    let mut b = cluster.login_home(&bob, "phone", 0).await;
     let got = messages(&mut b, 0, 50).await;
     assert_eq!(
         bodies(&got),
         (1..=50).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
     // Exactly once: the next entry is the 51st.
-    let mut a = login(&cluster, &alice, "phone", 50).await;
+    let mut a = cluster.login_home(&alice, "phone", 50).await;
     a.send(send(direct(&bob), 51, "after")).await.unwrap();
     await_ack(&mut a, 51).await;
     let next = messages(&mut b, 50, 1).await;
@@ -380,7 +364,7 @@ async fn a_group_with_members_on_every_node_gets_each_message_once_in_one_order(
         .collect();
     let mut tasks = Vec::new();
     for (s, sender) in senders.iter().enumerate() {
-        let mut c = login(&cluster, sender, "phone", 0).await;
+        let mut c = cluster.login_home(sender, "phone", 0).await;
         let gid = gid.clone();
         tasks.push(tokio::spawn(async move {
             for i in 1..=10u64 {
@@ -401,7 +385,7 @@ async fn a_group_with_members_on_every_node_gets_each_message_once_in_one_order(
     for chunk in members.chunks(100) {
         let mut reads = Vec::new();
         for m in chunk {
-            let mut c = login(&cluster, m, "phone", 0).await;
+            let mut c = cluster.login_home(m, "phone", 0).await;
             *per_node.entry(cluster.home(m)).or_default() += 1;
             reads.push(tokio::spawn(async move {
                 bodies(&messages(&mut c, 0, 30).await)
@@ -444,7 +428,7 @@ async fn a_non_member_gets_not_a_member_from_the_owner_never_an_ack() {
     )
     .await;
     assert!(r.status < 300, "create: {} {}", r.status, r.body);
-    let mut c = login(&cluster, &outsider, "phone", 0).await;
+    let mut c = cluster.login_home(&outsider, "phone", 0).await;
     c.send(send(group(&gid), 1, "let me in")).await.unwrap();
     loop {
         match within(c.recv_frame()).await.unwrap() {
@@ -458,7 +442,7 @@ async fn a_non_member_gets_not_a_member_from_the_owner_never_an_ack() {
         }
     }
     // The owner (on node 1, the group on node 2) can send.
-    let mut o = login(&cluster, &owner, "phone", 0).await;
+    let mut o = cluster.login_home(&owner, "phone", 0).await;
     o.send(send(group(&gid), 1, "welcome")).await.unwrap();
     let ack = await_ack(&mut o, 1).await;
     assert_eq!(
@@ -466,7 +450,7 @@ async fn a_non_member_gets_not_a_member_from_the_owner_never_an_ack() {
         "the sender's copy is appended by its home, later"
     );
     // The copy reaches the owner's devices through the group's node.
-    let mut tablet = login(&cluster, &owner, "tablet", 0).await;
+    let mut tablet = cluster.login_home(&owner, "tablet", 0).await;
     let own = messages(&mut tablet, 0, 1).await;
     assert_eq!(bodies(&own), vec!["welcome"]);
     assert_eq!(
@@ -532,7 +516,7 @@ async fn a_node_with_a_different_node_list_refuses_to_serve() {
         })
         .unwrap();
     let mut c = Client::connect(odd.addr).await.unwrap();
-    let err = within(c.authenticate(&token(&user), "phone", 0))
+    let err = within(c.authenticate(&cluster.token(&user), "phone", 0))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Some(proto::ErrorCode::Unavailable), "{err}");

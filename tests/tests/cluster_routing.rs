@@ -11,10 +11,6 @@ use ferry_e2e::*;
 use ferry_protocol::client::Client;
 use ferry_protocol::proto::{self, frame::Body};
 
-fn token(user: &str) -> String {
-    ferry_gateway::auth::TokenVerifier::new(TEST_SECRET.as_bytes()).mint(user, None, 600)
-}
-
 fn conv(kind: proto::ConversationKind, id: &str) -> Option<proto::Conversation> {
     Some(proto::Conversation {
         kind: kind as i32,
@@ -37,16 +33,6 @@ fn send(to: Option<proto::Conversation>, cid: u64, body: &str) -> proto::Send {
         content_type: "text/plain".into(),
         body: body.as_bytes().to_vec().into(),
     }
-}
-
-async fn login(cluster: &TestCluster, user: &str, device: &str) -> Client {
-    let mut client = Client::connect(cluster.addr(cluster.home(user)))
-        .await
-        .expect("connect");
-    within(client.authenticate(&token(user), device, 0))
-        .await
-        .expect("auth at home");
-    client
 }
 
 /// The next frame that is not a sync page (the login sync of an empty
@@ -90,8 +76,8 @@ async fn recalls_read_receipts_and_typing_cross_nodes() {
     let cluster = TestCluster::start(3).await;
     let alice = cluster.user_on(1, "alice");
     let bob = cluster.user_on(2, "bob");
-    let mut a = login(&cluster, &alice, "phone").await;
-    let mut b = login(&cluster, &bob, "phone").await;
+    let mut a = cluster.login_home(&alice, "phone", 0).await;
+    let mut b = cluster.login_home(&bob, "phone", 0).await;
 
     a.send(send(direct(&bob), 1, "oops")).await.unwrap();
     let ack = await_ack(&mut a, 1).await;
@@ -148,7 +134,7 @@ async fn recalls_read_receipts_and_typing_cross_nodes() {
     assert_eq!(recall.from, alice);
     // A later sync of bob's shows the recalled message as recalled.
     let mut b2 = Client::connect(cluster.addr(2)).await.unwrap();
-    within(b2.authenticate(&token(&bob), "tablet", 0))
+    within(b2.authenticate(&cluster.token(&bob), "tablet", 0))
         .await
         .unwrap();
     let page = loop {
@@ -175,7 +161,7 @@ async fn group_requests_from_any_node_act_on_the_owner() {
     create_group(&cluster, 1, &gid, &owner, &[&mate]).await;
 
     // The owner, on node 1, adds the cook through the group's node 3.
-    let mut o = login(&cluster, &owner, "phone").await;
+    let mut o = cluster.login_home(&owner, "phone", 0).await;
     o.send(proto::GroupRequest {
         request_id: 1,
         op: Some(proto::group_request::Op::AddMembers(proto::AddMembers {
@@ -193,7 +179,7 @@ async fn group_requests_from_any_node_act_on_the_owner() {
         }
     }
     // The member list, asked on node 2, comes from the owner.
-    let mut m = login(&cluster, &mate, "phone").await;
+    let mut m = cluster.login_home(&mate, "phone", 0).await;
     m.send(proto::GroupRequest {
         request_id: 2,
         op: Some(proto::group_request::Op::ListMembers(proto::ListMembers {
@@ -249,7 +235,7 @@ async fn group_requests_from_any_node_act_on_the_owner() {
     assert_eq!(bodies, vec!["h3", "h2", "h1"], "newest first");
 
     // Typing in the group reaches a member on another node through the owner.
-    let mut c = login(&cluster, &cook, "phone").await;
+    let mut c = cluster.login_home(&cook, "phone", 0).await;
     m.send(proto::Typing {
         conversation: group(&gid),
         typing: true,
@@ -275,7 +261,7 @@ async fn admin_calls_on_any_node_reach_the_user_or_group() {
     let bob = cluster.user_on(2, "bob");
     let carol = cluster.user_on(3, "carol");
     let gid = cluster.group_on(1, "news");
-    let mut b = login(&cluster, &bob, "phone").await;
+    let mut b = cluster.login_home(&bob, "phone", 0).await;
 
     // Presence of bob (node 2), asked on node 3.
     let r = admin(
@@ -304,7 +290,7 @@ async fn admin_calls_on_any_node_reach_the_user_or_group() {
     // A group on node 1 with members on nodes 2 and 3, a system message
     // posted on node 3: both members get it.
     create_group(&cluster, 2, &gid, &bob, &[&carol]).await;
-    let mut c = login(&cluster, &carol, "phone").await;
+    let mut c = cluster.login_home(&carol, "phone", 0).await;
     let r = admin(
         cluster.ops(3),
         "POST",
