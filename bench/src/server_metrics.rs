@@ -240,6 +240,14 @@ impl Snapshot {
         Some(first + values.map(|(_, v)| v).sum::<f64>())
     }
 
+    /// The gauge `name` with exactly the labels `labels` (`key="value"`,
+    /// comma-separated, keys in order).
+    pub fn gauge_series(&self, name: &str, labels: &str) -> Option<f64> {
+        self.gauges
+            .get(&(name.to_owned(), labels.to_owned()))
+            .copied()
+    }
+
     /// Every node's scrape as one snapshot: each series gets the label
     /// `ferry_bench_node="ID"`, so that [`change`] works node by node (a
     /// restarted node's counters start over without hiding the others')

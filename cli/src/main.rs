@@ -6,6 +6,7 @@
 //! - `ferry backup` / `ferry restore`: back up a stopped node's data dir,
 //!   restore one (a running node is backed up with `POST /admin/backup`).
 
+mod allocator;
 mod chat;
 
 use anyhow::Context;
@@ -254,6 +255,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => warn!(error = %e, "cannot read or raise the open-file limit"),
     }
 
+    allocator::tune_for_a_server();
     match ferry_gateway::huge_pages::disable() {
         Ok(true) => info!("transparent huge pages turned off for this process"),
         Ok(false) => {}

@@ -209,6 +209,11 @@ fn describe_all() {
         "Capacity of RocksDB's shared block cache: storage_memory_mb"
     );
     describe_gauge!(
+        "ferry_storage_cache_entry_bytes",
+        Unit::Bytes,
+        "RocksDB's block cache by kind of entry (role: data-block, index-block, filter-block, write-buffer: the memtables' reservation, misc), from its last census (redone when a minute old)"
+    );
+    describe_gauge!(
         "ferry_storage_memtable_bytes",
         Unit::Bytes,
         "RocksDB memtables, mutable and being flushed (counted inside ferry_storage_cache_bytes)"
@@ -577,6 +582,9 @@ pub fn render(sessions_online: u64, storage: &ferry_storage::Storage) -> Option<
     gauge!("ferry_storage_cache_bytes").set(usage.cache_bytes as f64);
     gauge!("ferry_storage_cache_capacity_bytes").set(usage.cache_capacity_bytes as f64);
     gauge!("ferry_storage_memtable_bytes").set(usage.memtable_bytes as f64);
+    for (role, bytes) in ferry_storage::CACHE_ROLES.iter().zip(usage.cache_roles) {
+        gauge!("ferry_storage_cache_entry_bytes", "role" => *role).set(bytes as f64);
+    }
     gauge!("ferry_storage_table_readers_bytes").set(usage.table_reader_bytes as f64);
     gauge!("ferry_storage_sst_bytes").set(usage.sst_bytes as f64);
     gauge!("ferry_storage_wal_bytes").set(usage.wal_bytes as f64);

@@ -108,6 +108,68 @@ pub struct StorageUsage {
     pub sst_bytes: u64,
     /// Write-ahead log files on disk.
     pub wal_bytes: u64,
+    /// What the block cache holds, by kind of entry: bytes charged per
+    /// [`CACHE_ROLES`] name, in that order (RocksDB's last census of the
+    /// cache, redone when a minute old; zeros when it is unavailable).
+    pub cache_roles: [u64; CACHE_ROLES.len()],
+}
+
+/// The kinds of block cache entry [`StorageUsage::cache_roles`] counts:
+/// RocksDB's role names, hyphenated as in its statistics. Roles ferry's
+/// options never create (blob, compression dictionary, ...) are `misc`.
+pub const CACHE_ROLES: [&str; 5] = [
+    "data-block",
+    "index-block",
+    "filter-block",
+    "write-buffer",
+    "misc",
+];
+
+/// Parses the census line of RocksDB's `rocksdb.block-cache-entry-stats`
+/// property (`Block cache entry stats(count,size,portion): DataBlock(12,48.00
+/// KB,0.03%) ...`) into bytes per [`CACHE_ROLES`] entry. Sizes are printed
+/// to 0.01 of their unit, so a figure is exact to 0.5% at worst.
+fn parse_cache_roles(stats: &str) -> [u64; CACHE_ROLES.len()] {
+    let mut roles = [0u64; CACHE_ROLES.len()];
+    let Some((_, census)) = stats.split_once("Block cache entry stats(count,size,portion):") else {
+        return roles;
+    };
+    for item in census
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .split(')')
+    {
+        let Some((name, fields)) = item.trim().split_once('(') else {
+            continue;
+        };
+        let mut fields = fields.split(',');
+        let (Some(_count), Some(size)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((number, unit)) = size.trim().split_once(' ') else {
+            continue;
+        };
+        let Ok(number) = number.parse::<f64>() else {
+            continue;
+        };
+        let scale = match unit {
+            "KB" => 1u64 << 10,
+            "MB" => 1 << 20,
+            "GB" => 1 << 30,
+            "TB" => 1 << 40,
+            _ => continue,
+        };
+        let role = match name {
+            "DataBlock" => 0,
+            "IndexBlock" => 1,
+            "FilterBlock" | "FilterMetaBlock" | "DeprecatedFilterBlock" => 2,
+            "WriteBuffer" => 3,
+            _ => 4,
+        };
+        roles[role] += (number * scale as f64).round() as u64;
+    }
+    roles
 }
 
 /// One page of an inbox.
@@ -351,7 +413,16 @@ impl Storage {
                     .sum()
             })
             .unwrap_or(0);
+        // Of a column family that uses the shared cache (the default one,
+        // which ferry leaves empty, has a cache of its own).
+        let cache_roles = self
+            .db
+            .property_value_cf(self.cf(cf::MSGS), "rocksdb.block-cache-entry-stats")
+            .ok()
+            .flatten()
+            .map_or([0; CACHE_ROLES.len()], |stats| parse_cache_roles(&stats));
         StorageUsage {
+            cache_roles,
             cache_bytes: self.cache.get_usage() as u64,
             cache_capacity_bytes: self.cache_capacity as u64,
             memtable_bytes: memory.as_ref().map_or(0, |m| m.mem_table_total),
@@ -429,6 +500,12 @@ impl Storage {
         let prefix = keys::inbox_prefix(user);
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::inbox_key(user, u64::MAX));
+        // Past the block cache: a sync reads one user's newest entries,
+        // which nobody reads again soon, and a reconnect storm's syncs
+        // would churn the cache (insert, evict, insert), leaving the
+        // allocator holding the holes (docs/BENCHMARKS.md, "soak"). Blocks
+        // already cached are still used.
+        ro.fill_cache(false);
         let start = keys::inbox_key(user, after.saturating_add(1));
         let it = self.db.iterator_cf_opt(
             self.cf(cf::INBOX),
@@ -476,9 +553,12 @@ impl Storage {
             .filter(|(_, v)| v.inline.is_none())
             .map(|(_, v)| keys::msg_key(&v.conv, v.msg_id))
             .collect();
+        // Past the block cache too, as the inbox read (see `read_inbox`).
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
         let mut fetched = self
             .db
-            .batched_multi_get_cf(msgs, pointer_keys.iter(), false)
+            .batched_multi_get_cf_opt(msgs, pointer_keys.iter(), false, &ro)
             .into_iter();
         let mut out = Vec::with_capacity(raw.len());
         for (seq, value) in raw {
@@ -691,6 +771,80 @@ mod tests {
                 .put_cf(storage.cf(cf_name), key.as_bytes(), &value)
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn the_cache_census_is_read_by_role() {
+        let stats = "Block cache LRUCache@0x55d0 #1 capacity: 128.00 MB seed: 1 usage: 50.00 MB \
+                     table_size: 4096 occupancy: 87 collections: 3 last_copies: 0 last_secs: 0.01 \
+                     secs_since: 4\nBlock cache entry stats(count,size,portion): \
+                     DataBlock(120,1.50 MB,1.17%) FilterBlock(4,12.25 KB,0.01%) \
+                     FilterMetaBlock(1,0.50 KB,0%) IndexBlock(9,36.00 KB,0.03%) \
+                     WriteBuffer(48,48.00 MB,37.5%) Misc(1,0.00 KB,0%) BlobValue(2,2.00 KB,0%)\n";
+        assert_eq!(
+            parse_cache_roles(stats),
+            [3 << 19, 36 << 10, 12_544 + 512, 48 << 20, 2 << 10]
+        );
+        assert_eq!(parse_cache_roles("no census here"), [0; 5]);
+    }
+
+    #[test]
+    fn the_cache_census_of_a_live_database_sees_its_memtables() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        fill(&storage, cf::MSGS, 4 << 20);
+        let usage = storage.usage();
+        // The census may be older than the writes (RocksDB redoes it at
+        // most every so often), but it is of the shared cache, where the
+        // memtables reserve their memory from the start.
+        assert!(usage.cache_roles[3] > 0, "{usage:?}");
+        assert!(
+            usage.cache_roles.iter().sum::<u64>() <= usage.cache_bytes,
+            "{usage:?}"
+        );
+    }
+
+    /// Sync pages are read past the block cache: a reconnect storm's reads
+    /// would otherwise churn it (insert, evict, insert) and leave the
+    /// allocator holding the holes (docs/BENCHMARKS.md, "soak").
+    #[test]
+    fn inbox_reads_leave_the_block_cache_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), StorageOptions::default()).unwrap();
+        let inbox = storage.cf(cf::INBOX);
+        let users: Vec<String> = (0..200).map(|u| format!("user-{u:04}")).collect();
+        for user in &users {
+            for seq in 1..=20u64 {
+                let value = InboxValue {
+                    conv: Vec::new(),
+                    msg_id: seq,
+                    inline: Some(proto::Deliver {
+                        from: "someone".into(),
+                        body: vec![b'x'; 200].into(),
+                        ..Default::default()
+                    }),
+                };
+                storage
+                    .db
+                    .put_cf(inbox, keys::inbox_key(user, seq), value.encode_to_vec())
+                    .unwrap();
+            }
+        }
+        storage.flush().unwrap();
+        // The tables' index and filter blocks come in at the first reads.
+        storage.read_inbox(&users[0], 0, 1).unwrap();
+        let before = storage.usage().cache_bytes;
+
+        for user in &users {
+            let page = storage.read_inbox(user, 0, 100).unwrap();
+            assert_eq!(page.entries.len(), 20);
+        }
+        // 200 users × 20 entries of ~230 bytes: ~900 KiB of data blocks.
+        let after = storage.usage().cache_bytes;
+        assert!(
+            after < before + (64 << 10),
+            "reads filled the cache: {before} -> {after} bytes"
+        );
     }
 
     #[test]

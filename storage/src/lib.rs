@@ -38,8 +38,8 @@ pub use commit::{
     Outcome, Target, link_position, max_entry_bytes_for,
 };
 pub use db::{
-    DEFAULT_MEMORY_BUDGET_BYTES, InboxPage, MIN_MEMORY_BUDGET_BYTES, Storage, StorageOptions,
-    StorageUsage,
+    CACHE_ROLES, DEFAULT_MEMORY_BUDGET_BYTES, InboxPage, MIN_MEMORY_BUDGET_BYTES, Storage,
+    StorageOptions, StorageUsage,
 };
 pub use groups::{Group, Refusal};
 pub use link::{Homes, LinkOut, NodeId};

@@ -62,7 +62,8 @@ use crate::report::{Outcome, Table, count, usage_rows};
 use crate::server_metrics::{self, ServerFigures};
 use crate::target::{CommonArgs, Target};
 
-/// The server's gauges each sample records: (column, metric).
+/// The server's gauges each sample records: (column, metric), the metric
+/// with its labels where it has some (one series, not their sum).
 const GAUGES: &[(&str, &str)] = &[
     ("conns", "ferry_connections_open"),
     ("sessions", "ferry_sessions_online"),
@@ -75,6 +76,22 @@ const GAUGES: &[(&str, &str)] = &[
         "ferry_storage_cache_capacity_bytes",
     ),
     ("memtables", "ferry_storage_memtable_bytes"),
+    (
+        "cache_data",
+        "ferry_storage_cache_entry_bytes{role=\"data-block\"}",
+    ),
+    (
+        "cache_index",
+        "ferry_storage_cache_entry_bytes{role=\"index-block\"}",
+    ),
+    (
+        "cache_filter",
+        "ferry_storage_cache_entry_bytes{role=\"filter-block\"}",
+    ),
+    (
+        "cache_write_buffer",
+        "ferry_storage_cache_entry_bytes{role=\"write-buffer\"}",
+    ),
 ];
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -627,7 +644,13 @@ impl Probe {
         let snap = target.scrape().await;
         let gauges = GAUGES
             .iter()
-            .map(|&(col, metric)| (col, snap.as_ref().and_then(|s| s.gauge_total(metric))))
+            .map(|&(col, metric)| {
+                let value = snap.as_ref().and_then(|s| match metric.split_once('{') {
+                    Some((name, labels)) => s.gauge_series(name, labels.trim_end_matches('}')),
+                    None => s.gauge_total(metric),
+                });
+                (col, value)
+            })
             .collect();
         let now = Instant::now();
         let t_secs = if now >= self.t0 {
@@ -657,10 +680,12 @@ fn line(s: &Sample) -> String {
             .flatten()
             .map_or_else(|| "n/a".into(), |v| count(v as u64))
     };
+    let mib = |k: &str| s.gauges.get(k).copied().flatten().unwrap_or(0.0) / MIB;
     format!(
         "soak {:>3}:{:02}  rss {:7.1} MiB (db cache {:.1}, memtables {:.1})  fds {:>5} ({} sockets, \
          {} db, {} deleted, {} other)  conns {}  sessions {}  commit queue {}  seq cache {}  \
-         group cache {}  wal {:.1} MiB  sst {:.1} MiB in {}  sent {}  unacked {}",
+         group cache {}  wal {:.1} MiB  sst {:.1} MiB in {}  sent {}  unacked {}  cache census: data \
+         {:.1} MiB, index {:.1} MiB, filter {:.1} MiB, write buffers {:.1} MiB",
         t / 60,
         t % 60,
         s.rss_mib,
@@ -680,7 +705,11 @@ fn line(s: &Sample) -> String {
         s.disk.sst_mib,
         s.disk.sst_files,
         count(s.sent),
-        s.outstanding
+        s.outstanding,
+        mib("cache_data"),
+        mib("cache_index"),
+        mib("cache_filter"),
+        mib("cache_write_buffer"),
     )
 }
 
