@@ -211,7 +211,7 @@ fn describe_all() {
     describe_gauge!(
         "ferry_storage_cache_entry_bytes",
         Unit::Bytes,
-        "RocksDB's block cache by kind of entry (role: data-block, index-block, filter-block, write-buffer: the memtables' reservation, misc), from its last census (redone when a minute old)"
+        "RocksDB's block cache by kind of entry (role: data-block, index-block, filter-block, write-buffer: the memtables' reservation, misc), from its census of the cache (redone at a scrape when over 10 s old)"
     );
     describe_gauge!(
         "ferry_storage_memtable_bytes",

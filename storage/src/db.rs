@@ -109,8 +109,9 @@ pub struct StorageUsage {
     /// Write-ahead log files on disk.
     pub wal_bytes: u64,
     /// What the block cache holds, by kind of entry: bytes charged per
-    /// [`CACHE_ROLES`] name, in that order (RocksDB's last census of the
-    /// cache, redone when a minute old; zeros when it is unavailable).
+    /// [`CACHE_ROLES`] name, in that order (RocksDB's census of the cache,
+    /// which it redoes when asked and the last is over 10 s old; zeros when
+    /// it is unavailable).
     pub cache_roles: [u64; CACHE_ROLES.len()],
 }
 
@@ -134,12 +135,7 @@ fn parse_cache_roles(stats: &str) -> [u64; CACHE_ROLES.len()] {
     let Some((_, census)) = stats.split_once("Block cache entry stats(count,size,portion):") else {
         return roles;
     };
-    for item in census
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .split(')')
-    {
+    for item in census.split(')') {
         let Some((name, fields)) = item.trim().split_once('(') else {
             continue;
         };
