@@ -11,11 +11,10 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const PURGE_DELAY_ENV: &str = "MIMALLOC_PURGE_DELAY";
 
 /// Makes mimalloc give freed pages back to the OS at once instead of a
-/// second later (its default). Over an hour-long soak the delay left
-/// net RSS rising +19.3 MiB/h against +12.5 MiB/h without it, at the
-/// same CPU (docs/BENCHMARKS.md, "soak"): memory freed by block cache
-/// evictions and memtable flushes was reused late, after the allocator
-/// had taken fresh pages. An operator's `MIMALLOC_PURGE_DELAY` is kept.
+/// second later (its default). In two hour-long soaks of the same sitting
+/// the server's RSS net of RocksDB's cache rose +12.5 MiB/h with immediate
+/// purging against +19.3 MiB/h with the delay, at the same CPU
+/// (docs/BENCHMARKS.md, "soak"). An operator's `MIMALLOC_PURGE_DELAY` is kept.
 pub fn tune_for_a_server() {
     if std::env::var_os(PURGE_DELAY_ENV).is_some() {
         info!("{PURGE_DELAY_ENV} set: mimalloc's purge delay left as given");

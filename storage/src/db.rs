@@ -496,11 +496,11 @@ impl Storage {
         let prefix = keys::inbox_prefix(user);
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::inbox_key(user, u64::MAX));
-        // Past the block cache: a sync reads one user's newest entries,
-        // which nobody reads again soon, and a reconnect storm's syncs
-        // would churn the cache (insert, evict, insert), leaving the
-        // allocator holding the holes (docs/BENCHMARKS.md, "soak"). Blocks
-        // already cached are still used.
+        // Past the block cache (a scan, in RocksDB's terms): a sync reads
+        // one user's newest entries once, and caching the blocks it passes
+        // would only evict what the point lookups (cursors, dedup) reuse.
+        // Blocks already cached are still used; the OS page cache keeps
+        // the files' recent pages either way.
         ro.fill_cache(false);
         let start = keys::inbox_key(user, after.saturating_add(1));
         let it = self.db.iterator_cf_opt(
@@ -800,9 +800,8 @@ mod tests {
         );
     }
 
-    /// Sync pages are read past the block cache: a reconnect storm's reads
-    /// would otherwise churn it (insert, evict, insert) and leave the
-    /// allocator holding the holes (docs/BENCHMARKS.md, "soak").
+    /// Sync pages are read past the block cache: a reconnect storm's syncs
+    /// would otherwise fill it with blocks read once.
     #[test]
     fn inbox_reads_leave_the_block_cache_as_it_was() {
         let dir = tempfile::tempdir().unwrap();
