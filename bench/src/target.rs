@@ -131,7 +131,7 @@ pub struct Target {
     /// With --tls: what clients trust.
     pub tls: Option<crate::clients::FleetTls>,
     /// With --spawn(-cluster) --tls: the throwaway certificate.
-    _tls_dir: Option<crate::spawn::ThrowawayTls>,
+    _tls_certificate: Option<crate::spawn::ThrowawayTls>,
 }
 
 impl Target {
@@ -142,7 +142,7 @@ impl Target {
             return Target::open_cluster(common, n, run_id).await;
         }
         let mut tls = None;
-        let mut tls_dir = None;
+        let mut tls_certificate = None;
         if common.harness.tls && !common.spawn {
             let path = common
                 .harness
@@ -169,7 +169,7 @@ impl Target {
                     ca_pem: throwaway.ca_pem.clone(),
                     server_name: common.harness.server_name.clone(),
                 });
-                tls_dir = Some(throwaway);
+                tls_certificate = Some(throwaway);
             }
             let server = FerryServer::spawn(&bin, common.work_dir.as_deref(), &args).await?;
             eprintln!(
@@ -226,7 +226,7 @@ impl Target {
             sampler,
             run_id,
             tls,
-            _tls_dir: tls_dir,
+            _tls_certificate: tls_certificate,
         })
     }
 
@@ -241,9 +241,10 @@ impl Target {
         let args = spawn_args(common);
         // With --tls every node serves clients on TLS only, at the client
         // address the node map (and so every redirect) gives.
-        let throwaway = match common.harness.tls {
-            true => Some(crate::spawn::ThrowawayTls::new()?),
-            false => None,
+        let throwaway = if common.harness.tls {
+            Some(crate::spawn::ThrowawayTls::new()?)
+        } else {
+            None
         };
         let cluster = LocalCluster::spawn(
             n,
@@ -294,7 +295,7 @@ impl Target {
             sampler,
             run_id,
             tls,
-            _tls_dir: throwaway,
+            _tls_certificate: throwaway,
         })
     }
 
