@@ -674,26 +674,35 @@ mod tests {
         assert_eq!(unique.len(), 6);
     }
 
-    #[test]
-    fn node_config_is_a_valid_ferry_config() {
+    /// Node 2's generated config, written to `dir` and resolved as
+    /// `ferry serve --config` would.
+    fn node_config(
+        dir: &Path,
+        tls: Option<&crate::spawn::ThrowawayTls>,
+    ) -> ferry_gateway::config::Config {
         let m = map(Entry::Home);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ferry.toml");
+        let path = dir.join("ferry.toml");
         let text = node_toml(
             &m,
             &m.nodes()[1],
-            dir.path(),
+            dir,
             "127.0.0.1:4150".parse().unwrap(),
             "0123456789abcdef0123456789abcdef",
-            None,
+            tls,
         );
         std::fs::write(&path, text).unwrap();
-        let config = ferry_gateway::config::ServeArgs {
+        ferry_gateway::config::ServeArgs {
             config: Some(path),
             ..Default::default()
         }
         .resolve()
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn node_config_is_a_valid_ferry_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = node_config(dir.path(), None);
         assert_eq!(config.listen.addr().map(|a| a.port()), Some(20_002));
         assert_eq!(config.http_listen.port(), 21_002);
         assert_eq!(config.data_dir, dir.path().join("data"));
@@ -705,25 +714,9 @@ mod tests {
 
     #[test]
     fn with_tls_a_node_serves_clients_on_tls_only_at_its_client_address() {
-        let m = map(Entry::Home);
         let dir = tempfile::tempdir().unwrap();
         let tls = crate::spawn::ThrowawayTls::new().unwrap();
-        let path = dir.path().join("ferry.toml");
-        let text = node_toml(
-            &m,
-            &m.nodes()[1],
-            dir.path(),
-            "127.0.0.1:4150".parse().unwrap(),
-            "0123456789abcdef0123456789abcdef",
-            Some(&tls),
-        );
-        std::fs::write(&path, text).unwrap();
-        let config = ferry_gateway::config::ServeArgs {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        let config = node_config(dir.path(), Some(&tls));
         assert_eq!(config.listen.addr(), None, "a plain listener is left");
         assert_eq!(config.tls_listen.addr().map(|a| a.port()), Some(20_002));
         assert_eq!(config.tls_cert, Some(tls.cert_path()));

@@ -157,13 +157,17 @@ fn parse_cache_roles(stats: &str) -> [u64; CACHE_ROLES.len()] {
             _ => continue,
         };
         let role = match name {
-            "DataBlock" => 0,
-            "IndexBlock" => 1,
-            "FilterBlock" | "FilterMetaBlock" | "DeprecatedFilterBlock" => 2,
-            "WriteBuffer" => 3,
-            _ => 4,
+            "DataBlock" => "data-block",
+            "IndexBlock" => "index-block",
+            "FilterBlock" | "FilterMetaBlock" | "DeprecatedFilterBlock" => "filter-block",
+            "WriteBuffer" => "write-buffer",
+            _ => "misc",
         };
-        roles[role] += (number * scale as f64).round() as u64;
+        let i = CACHE_ROLES
+            .iter()
+            .position(|r| *r == role)
+            .expect("a listed role");
+        roles[i] += (number * scale as f64).round() as u64;
     }
     roles
 }
