@@ -23,10 +23,14 @@
 //!
 //! - the Theil–Sen slope (median of pairwise slopes) of RSS net of RocksDB's block cache (the
 //!   `ferry_storage_cache_bytes` gauge: a cache bounded by the server's
-//!   `storage_memory_mb`, which fills for hours as the tables grow) over the
-//!   samples after the warm-up (`--warmup`, the first 20 % of the load)
-//!   exceeds `--max-rss-slope` MiB per hour; the raw RSS slope is reported
-//!   beside it;
+//!   `storage_memory_mb`) over the samples of the steady state exceeds
+//!   `--max-rss-slope` MiB per hour; the raw RSS slope is reported beside
+//!   it. The steady state starts after the warm-up (`--warmup`, the first
+//!   20 % of the load) and once that cache has first held 90 % of its
+//!   capacity, and must cover at least half the load;
+//! - that cache never filled, or filled too late for half the load to be
+//!   judged (a memory check of a cache still filling judges the filling:
+//!   the allocator's overhead grows with what the cache holds, see below);
 //! - that cache, subtracted above, ever held more than its capacity
 //!   (`ferry_storage_cache_capacity_bytes`) plus 10%;
 //! - any stored message was not delivered to each of its recipients, or
@@ -38,6 +42,18 @@
 //! - a bad frame did not get its error and close.
 //!
 //! `--plot FILE.svg` draws RSS and descriptors over time.
+//!
+//! The spawned server runs with `--storage-memory-mb=32` (a quarter of the
+//! default budget) unless a `--server-arg` sets it. A leak detector must
+//! judge a steady state, and RocksDB's cache is the one part of the
+//! server's memory that grows for a long time by design: under this load a
+//! 128 MiB cache was still filling at the end of an hour (its data blocks
+//! 7 → 45 MiB), and the allocator's overhead around those blocks rose with
+//! it, which the subtraction of the cache's own count does not remove. A
+//! 32 MiB cache is full by minute 10, inside the warm-up, and is the harsher
+//! setting besides: it evicts, flushes and compacts four times as often.
+//! The cache-full rule above makes a run at any other budget say when its
+//! cache did not reach a steady state rather than judge the filling.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -101,6 +117,20 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// the subtraction from RSS unfounded.
 const CACHE_OVER_CAPACITY: f64 = 1.10;
 
+/// The fraction of its capacity at which RocksDB's cache counts as full:
+/// the memory check judges only the samples from the first one at or above
+/// it (the memtables' reservation, charged into the cache, shrinks at
+/// every flush, so usage need not stay this high once reached).
+const CACHE_FULL: f64 = 0.90;
+
+/// The least fraction of the load time the memory check must judge.
+const MIN_JUDGED_FRACTION: f64 = 0.5;
+
+/// `--storage-memory-mb` of the spawned server unless a `--server-arg`
+/// sets it: small enough for the cache to fill inside the warm-up (see the
+/// module doc).
+const SOAK_STORAGE_MEMORY_MB: u32 = 32;
+
 /// How long one bad-frame connection may take to be answered and closed.
 const BAD_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -142,12 +172,16 @@ pub struct SoakArgs {
     /// Seconds between two samples of RSS, descriptors and gauges.
     #[arg(long, default_value_t = 10)]
     pub sample_secs: u64,
-    /// Fraction of the load time before the RSS slope is measured (warm-up).
+    /// Fraction of the load time before the RSS slope is measured (warm-up);
+    /// the slope also waits for RocksDB's cache to be 90% full.
     #[arg(long, default_value_t = 0.2)]
     pub warmup: f64,
     /// Fail when the server's RSS, net of RocksDB's bounded block cache,
-    /// grows faster than this after the warm-up, MiB per hour (Theil–Sen
-    /// slope over the samples: the median of their pairwise slopes).
+    /// grows faster than this after the warm-up and once that cache is
+    /// full, MiB per hour (Theil–Sen slope over the samples: the median of
+    /// their pairwise slopes). The spawned server gets
+    /// `--storage-memory-mb=32` unless a --server-arg sets it, so that its
+    /// cache fills inside the warm-up.
     #[arg(long, value_name = "MIB_PER_HOUR", default_value_t = 10.0)]
     pub max_rss_slope: f64,
     /// Fail when the server holds more than this many descriptors more after
@@ -268,7 +302,8 @@ pub struct Fit {
     pub intercept_mib: f64,
     /// Samples fitted.
     pub points: usize,
-    /// Where the fit starts, seconds into the load.
+    /// Where the fit starts, seconds into the load: the end of the warm-up
+    /// or the moment RocksDB's cache filled, whichever is later.
     pub from_secs: f64,
 }
 
@@ -277,8 +312,11 @@ pub struct Fit {
 pub struct Verdict {
     /// RSS before any client, MiB.
     pub rss_start_mib: f64,
-    /// RSS of the first sample after the warm-up, MiB.
+    /// RSS of the first sample judged (after the warm-up, cache full), MiB.
     pub rss_after_warmup_mib: Option<f64>,
+    /// When RocksDB's cache first held 90% of its capacity, seconds into
+    /// the load (`None`: never, or the server reports no capacity).
+    pub cache_full_secs: Option<f64>,
     /// RSS of the last sample under load, MiB.
     pub rss_end_of_load_mib: Option<f64>,
     /// RSS once the clients are gone, MiB.
@@ -367,7 +405,46 @@ pub fn judge(
     limits: Limits,
 ) -> Verdict {
     let mut failures = Vec::new();
-    let from_secs = load_secs * limits.warmup;
+    // The steady state: after the warm-up, and once RocksDB's cache has
+    // filled (when the server reports its capacity).
+    let capacity_mib = |s: &Sample| {
+        s.gauges
+            .get("storage_cache_capacity")
+            .copied()
+            .flatten()
+            .map(|bytes| bytes / MIB)
+    };
+    let reports_capacity = under_load.iter().any(|s| capacity_mib(s).is_some());
+    let cache_full_secs = under_load
+        .iter()
+        .find(|s| capacity_mib(s).is_some_and(|cap| s.storage_cache_mib() >= cap * CACHE_FULL))
+        .map(|s| s.t_secs);
+    let mut from_secs = load_secs * limits.warmup;
+    if reports_capacity {
+        match cache_full_secs {
+            None => failures.push(format!(
+                "RocksDB's cache never filled (at most {:.1} of {:.1} MiB; full is {:.0}%): the \
+                 memory check judges a steady state, not a cache still filling (run longer, or \
+                 with a smaller --storage-memory-mb)",
+                under_load
+                    .iter()
+                    .map(Sample::storage_cache_mib)
+                    .fold(0.0, f64::max),
+                under_load
+                    .iter()
+                    .filter_map(capacity_mib)
+                    .fold(0.0, f64::max),
+                CACHE_FULL * 100.0
+            )),
+            Some(t) if t > load_secs * (1.0 - MIN_JUDGED_FRACTION) => failures.push(format!(
+                "RocksDB's cache filled only at {t:.0} s of {load_secs:.0}: less than {:.0}% of \
+                 the load is left for the memory check (run longer, or with a smaller \
+                 --storage-memory-mb)",
+                MIN_JUDGED_FRACTION * 100.0
+            )),
+            Some(t) => from_secs = from_secs.max(t),
+        }
+    }
     let after: Vec<&Sample> = under_load
         .iter()
         .filter(|s| s.t_secs >= from_secs)
@@ -399,6 +476,8 @@ pub fn judge(
             limits.max_rss_slope
         )),
         Some(_) => {}
+        // A cache that never filled has said so already.
+        None if reports_capacity && cache_full_secs.is_none() => {}
         None => failures.push(format!(
             "only {} samples after the warm-up: too few for an RSS slope (run longer or \
              sample more often)",
@@ -445,6 +524,7 @@ pub fn judge(
     Verdict {
         rss_start_mib: start.rss_mib,
         rss_after_warmup_mib: after.first().map(|s| s.rss_mib),
+        cache_full_secs,
         rss_end_of_load_mib: under_load.last().map(|s| s.rss_mib),
         rss_end_mib: end.rss_mib,
         fit,
@@ -757,7 +837,17 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
     };
     let load_secs = args.minutes as f64 * 60.0;
 
-    let mut target = Target::open(common).await?;
+    let mut spawned = common.clone();
+    if !spawned
+        .server_args
+        .iter()
+        .any(|a| a.starts_with("--storage-memory-mb"))
+    {
+        spawned
+            .server_args
+            .push(format!("--storage-memory-mb={SOAK_STORAGE_MEMORY_MB}"));
+    }
+    let mut target = Target::open(&spawned).await?;
     let (pid, data_dir) = {
         let server = target.server.as_ref().context("no spawned server")?;
         (server.pid, server.data_dir())
@@ -1044,7 +1134,7 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
         ),
     )
     .row(
-        "RSS start / after warm-up / end of load / clients gone",
+        "RSS start / judged from / end of load / clients gone",
         format!(
             "{:.1} / {} / {} / {:.1} MiB",
             verdict.rss_start_mib,
@@ -1058,7 +1148,21 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
         ),
     )
     .row(
-        "RSS net of the db cache: slope after warm-up",
+        "db cache 90% full at / judged from",
+        format!(
+            "{} / {}",
+            verdict
+                .cache_full_secs
+                .map_or("never".into(), |t| format!("{t:.0} s")),
+            verdict.fit.map_or("n/a".into(), |f| format!(
+                "{:.0} s (warm-up {:.0} s)",
+                f.from_secs,
+                load_secs * args.warmup
+            ))
+        ),
+    )
+    .row(
+        "RSS net of the db cache: slope judged",
         verdict.fit.map_or("n/a".into(), |f| {
             format!(
                 "{:+.2} MiB/h (Theil-Sen; least squares {:+.2}) over {} samples from {:.0} s \
@@ -1072,7 +1176,7 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
         }),
     )
     .row(
-        "raw RSS: slope after warm-up / db cache at its fullest",
+        "raw RSS: slope judged / db cache at its fullest",
         format!(
             "{} / {:.1} MiB",
             verdict.raw_fit.map_or("n/a".into(), |f| format!(
@@ -1137,6 +1241,7 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<Outcome> {
         "slow_readers": args.slow_readers,
         "bad_frame_secs": args.bad_frame_secs,
         "limits": limits,
+        "server_args": spawned.server_args,
         "verdict": verdict,
         "check": c,
         "skipped_queue_full": skipped.load(Ordering::Relaxed),
@@ -1221,13 +1326,20 @@ fn plot(
         ))?
         .label("write-ahead log on disk, MiB (unflushed writes)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], ORANGE.stroke_width(1)));
-    let warm = x_max * limits.warmup;
+    // The judged window starts after the warm-up and once the cache is full.
+    let warm = verdict
+        .fit
+        .map_or(x_max * limits.warmup, |f| f.from_secs / 60.0);
     chart
         .draw_series(LineSeries::new(
             vec![(warm, 0.0), (warm, rss_max * 1.15)],
             BLACK.mix(0.4),
         ))?
-        .label(format!("end of warm-up ({:.0}%)", limits.warmup * 100.0))
+        .label(format!(
+            "judged from here (warm-up {:.0}%, db cache {:.0}% full)",
+            limits.warmup * 100.0,
+            CACHE_FULL * 100.0
+        ))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.mix(0.4)));
     if let Some(f) = verdict.fit {
         let at = |m: f64| f.intercept_mib + f.slope_mib_per_hour * m / 60.0;
@@ -1421,24 +1533,128 @@ mod tests {
         let v = judge(&start, &leaking, &end, 3600.0, LIMITS);
         assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
         assert!(v.failures[0].contains("net of RocksDB"), "{:?}", v.failures);
-        // A cache within its capacity passes; one beyond it fails.
-        let capped = |capacity_mib: f64| -> Vec<Sample> {
-            filling
-                .iter()
-                .cloned()
-                .map(|mut s| {
-                    s.gauges
-                        .insert("storage_cache_capacity", Some(capacity_mib * MIB));
-                    s
-                })
-                .collect()
-        };
-        assert!(
-            judge(&start, &capped(128.0), &end, 3600.0, LIMITS)
-                .failures
-                .is_empty()
+    }
+
+    /// `samples` with the server reporting a cache capacity of `capacity_mib`.
+    fn with_capacity(samples: &[Sample], capacity_mib: f64) -> Vec<Sample> {
+        samples
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                s.gauges
+                    .insert("storage_cache_capacity", Some(capacity_mib * MIB));
+                s
+            })
+            .collect()
+    }
+
+    /// A one-hour run whose cache fills from 2 to 32 MiB by `full_at`
+    /// seconds and stays there, with RSS net of the cache at 60 MiB plus
+    /// `overhead` per MiB the cache holds (the allocator's share of a
+    /// filling cache) plus `leak(t)`.
+    fn filling_then_full(full_at: f64, overhead: f64, leak: impl Fn(f64) -> f64) -> Vec<Sample> {
+        let cache = |t: f64| 2.0 + 30.0 * (t / full_at).min(1.0);
+        let samples: Vec<Sample> = run(0.0, |t| 60.0 + (1.0 + overhead) * cache(t) + leak(t))
+            .into_iter()
+            .map(|s| {
+                let t = s.t_secs;
+                with_cache(s, cache(t))
+            })
+            .collect();
+        with_capacity(&samples, 32.0)
+    }
+
+    #[test]
+    fn the_memory_check_waits_for_the_cache_to_fill() {
+        let start = sample(-5.0, 40.0, fds(3, 10, 0, 5));
+        let end = sample(3700.0, 150.0, fds(3, 10, 0, 5));
+        // The cache fills until minute 30, well after the 12-minute
+        // warm-up, and the allocator's overhead grows with it (1 MiB per
+        // MiB: 30 MiB over the filling): judged from when it is 90% full.
+        let v = judge(
+            &start,
+            &filling_then_full(1800.0, 1.0, |_| 0.0),
+            &end,
+            3600.0,
+            LIMITS,
         );
-        let v = judge(&start, &capped(64.0), &end, 3600.0, LIMITS);
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        // 2 + 30 * t / 1800 >= 28.8 from t = 1608 s: the next sample is at 1610.
+        assert_eq!(v.cache_full_secs, Some(1610.0));
+        let fit = v.fit.unwrap();
+        assert_eq!(fit.from_secs, 1610.0);
+        assert!(fit.slope_mib_per_hour.abs() < 5.0, "{fit:?}");
+        // Judged from the end of the warm-up instead, the filling fails it:
+        // the reason for the wait.
+        let no_capacity: Vec<Sample> = filling_then_full(1800.0, 1.0, |_| 0.0)
+            .into_iter()
+            .map(|mut s| {
+                s.gauges.remove("storage_cache_capacity");
+                s
+            })
+            .collect();
+        let v = judge(&start, &no_capacity, &end, 3600.0, LIMITS);
+        assert_eq!(v.fit.unwrap().from_secs, 720.0);
+        assert_eq!(v.cache_full_secs, None);
+        assert!(v.failures[0].contains("net of RocksDB"), "{:?}", v.failures);
+        // A leak once the cache is full still fails.
+        let v = judge(
+            &start,
+            &filling_then_full(1800.0, 1.0, |t| 20.0 * t / 3600.0),
+            &end,
+            3600.0,
+            LIMITS,
+        );
+        assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
+        assert!(v.failures[0].contains("net of RocksDB"), "{:?}", v.failures);
+        // A cache full before the warm-up ends: judged from the warm-up.
+        let v = judge(
+            &start,
+            &filling_then_full(300.0, 0.5, |_| 0.0),
+            &end,
+            3600.0,
+            LIMITS,
+        );
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        assert_eq!(v.fit.unwrap().from_secs, 720.0);
+    }
+
+    #[test]
+    fn a_cache_that_fills_late_or_never_is_no_steady_state() {
+        let start = sample(-5.0, 40.0, fds(3, 10, 0, 5));
+        let end = sample(3700.0, 150.0, fds(3, 10, 0, 5));
+        // Full at minute 40 of 60: less than half the run left to judge.
+        let v = judge(
+            &start,
+            &filling_then_full(2400.0, 0.0, |_| 0.0),
+            &end,
+            3600.0,
+            LIMITS,
+        );
+        assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
+        assert!(v.failures[0].contains("filled only at"), "{:?}", v.failures);
+        // Never full: a cache at most 32 of a 128 MiB capacity.
+        let v = judge(
+            &start,
+            &with_capacity(&filling_then_full(1500.0, 0.0, |_| 0.0), 128.0),
+            &end,
+            3600.0,
+            LIMITS,
+        );
+        assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
+        assert!(v.failures[0].contains("never filled"), "{:?}", v.failures);
+    }
+
+    #[test]
+    fn a_cache_over_its_capacity_fails() {
+        let start = sample(-5.0, 40.0, fds(3, 10, 0, 5));
+        let end = sample(3700.0, 150.0, fds(3, 10, 0, 5));
+        // A cache that reaches 32 MiB against a stated capacity of 34 is
+        // within it; against 24 it is over by a third.
+        let full = filling_then_full(600.0, 0.0, |_| 0.0);
+        let v = judge(&start, &with_capacity(&full, 34.0), &end, 3600.0, LIMITS);
+        assert!(v.failures.is_empty(), "{:?}", v.failures);
+        let v = judge(&start, &with_capacity(&full, 24.0), &end, 3600.0, LIMITS);
         assert_eq!(v.failures.len(), 1, "{:?}", v.failures);
         assert!(v.failures[0].contains("capacity"), "{:?}", v.failures);
     }
