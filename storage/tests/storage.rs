@@ -316,7 +316,9 @@ fn inbox_sweep_removes_expired_entries_but_keeps_each_users_newest() {
         .sweep_inbox(cutoff.saturating_sub(0), 2, Duration::ZERO)
         .unwrap();
     // a and b: 5 old entries each removed, the new one kept. c and d: one
-    // entry each, written after the cutoff: kept.
+    // entry each, written after the cutoff: kept. Chunks of 2 keys: each
+    // key counted once across the chunks' iterators.
+    assert_eq!(report.scanned, 14);
     assert_eq!(report.removed, 10);
     let b = storage.read_inbox("b", 0, 100).unwrap();
     assert_eq!(b.entries.len(), 1);
