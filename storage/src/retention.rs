@@ -11,8 +11,7 @@
 //!   the block cache (every block once: caching them would evict what live
 //!   lookups reuse; under the soak's load a sweep took a 128 MiB cache
 //!   from 104 to 128 MiB in 20 s), and opens a new iterator for each
-//!   chunk, so no version of the
-//!   tables stays pinned for the whole sweep.
+//!   chunk, so no version of the tables stays pinned for the whole sweep.
 //!
 //! The sweeper thread belongs to its [`Storage`]: [`Storage::close`] stops
 //! it and waits for it to end, so no sweep touches RocksDB while the
